@@ -30,7 +30,8 @@ class _LinearTasks:
         self.weight_std, self.noise = float(weight_std), float(noise)
         self.in_features, self.out_features = self.dim, 1
 
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_tasks(self, num_tasks: int,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draw task weights ``{"weight": [T, dim]}``."""
         check_positive("num_tasks", num_tasks, integer=True)
         w = self.weight_mean + self.weight_std * torch.randn(num_tasks, self.dim, generator=generator)

@@ -42,7 +42,8 @@ class Sinusoid:
         self.noise = float(noise)
         self.in_features, self.out_features = 1, 1
 
-    def sample_tasks(self, num_tasks: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def sample_tasks(self, num_tasks: int,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draw the task parameters: ``{"amplitude": [T], "phase": [T]}``."""
         check_positive("num_tasks", num_tasks, integer=True)
         u = torch.rand(2, num_tasks, generator=generator, dtype=torch.float64)
