@@ -1,0 +1,359 @@
+"""Run logs: metrics as JSON lines (plus TensorBoard), run metadata, and atomic file writes.
+
+On-disk layout of a run directory (``RUN``)::
+
+    RUN/metrics.jsonl     one JSON object per ``RunLogger.log`` call: {"iteration": k, name: value, ...}
+    RUN/tensorboard/      TensorBoard event files with the same scalars, step = iteration
+
+``metrics.jsonl`` is the source of truth: each line is written in one call and flushed, so a
+killed process loses at most the line it was writing, and ``read_metrics`` skips a truncated
+last line. TensorBoard files are a viewing convenience, flushed every few seconds and on
+``close()``.
+
+Resuming: ``RunLogger(run_dir, resume_from_iteration=k)`` drops the lines with iteration > k
+(they came after the checkpoint being resumed from, and will be logged again) and tells
+TensorBoard to discard its events with step > k.
+
+Example:
+    >>> with RunLogger("runs/sine") as log:
+    ...     log.log(0, loss=1.25, accuracy=0.5)
+    >>> read_metrics("runs/sine")
+    [{'iteration': 0, 'loss': 1.25, 'accuracy': 0.5}]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import numbers
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from mamlab.errors import MamlabError
+
+__all__ = [
+    "RunLogger",
+    "RunLogError",
+    "read_metrics",
+    "run_metadata",
+    "write_json_atomic",
+    "write_bytes_atomic",
+    "METRICS_FILE",
+    "TENSORBOARD_DIR",
+]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class RunLogError(MamlabError):
+    """A metrics log that cannot be read or written; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (no-op where directories can't be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    The bytes go to a temporary file in the same directory, which is fsynced and then moved over
+    ``path`` with ``os.replace``; the directory is fsynced too. On any error the temporary file is
+    removed and the old ``path`` (if any) is untouched.
+
+    Args:
+        path: the destination file; its parent directory must exist.
+        data: the complete new contents.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    Args:
+        path: the destination file; its parent directory must exist.
+        obj: anything ``json.dumps`` accepts.
+        indent: passed to ``json.dumps``; ``None`` for one compact line.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        RunLogError: ``obj`` is not JSON-serializable (nothing is written).
+    """
+    path = Path(path)
+    try:
+        text = json.dumps(obj, indent=indent)
+    except (TypeError, ValueError) as e:
+        raise RunLogError(f"{path}: cannot write as JSON: {e}") from None
+    return write_bytes_atomic(path, (text + "\n").encode())
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _git_revision(cwd: Path | None) -> str | None:
+    """``git rev-parse HEAD`` in ``cwd``, or None when git is missing, slow, or it is not a repo."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rev = out.stdout.strip()
+    return rev if out.returncode == 0 and rev else None
+
+
+def run_metadata(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Versions, platform, git revision and a UTC timestamp describing where a run ran.
+
+    Never fails and never records the host name. Save it with ``write_json_atomic``.
+
+    Args:
+        cwd: where to ask git for the revision; the current directory by default.
+
+    Returns:
+        ``{"mamlab_version", "torch_version", "cuda_version", "python_version", "platform",
+        "git_revision", "timestamp"}``; ``git_revision`` (the ``HEAD`` commit) and
+        ``cuda_version`` are None when unavailable; ``timestamp`` is ISO 8601 in UTC.
+    """
+    from mamlab import __version__  # late: mamlab/__init__ may import this module
+
+    return {
+        "mamlab_version": __version__,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "git_revision": _git_revision(Path(cwd) if cwd is not None else None),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _parse_lines(path: Path, data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """Parse JSON lines; returns the records and the byte length of the complete, valid prefix.
+
+    A last line that is unterminated or not valid JSON is treated as cut short by a crash and
+    left out; a bad line anywhere else is an error.
+    """
+    records: list[dict[str, Any]] = []
+    lines = data.split(b"\n")
+    # After the final "\n" split yields b""; anything else there is an unterminated last line.
+    complete, tail = lines[:-1], lines[-1]
+    good = 0
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number == len(complete) and not tail:
+                break  # truncated last line that happened to end in a newline byte
+            raise RunLogError(f"{path}: line {number} is not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("iteration"), int):
+            raise RunLogError(f"{path}: line {number} is not an object with an integer 'iteration'")
+        records.append(rec)
+        good += len(line) + 1
+    return records, good
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of ``RUN/metrics.jsonl`` in order, skipping a last line cut short by a crash.
+
+    Args:
+        run_dir: the run directory (or the ``metrics.jsonl`` file itself).
+
+    Returns:
+        One dict per logged line, each with an integer ``"iteration"``.
+
+    Raises:
+        RunLogError: the file is missing, or a line other than the last is not valid JSON.
+    """
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunLogError(f"{path}: cannot read metrics: {e.strerror or e}") from None
+    return _parse_lines(path, data)[0]
+
+
+def _scalar(value: Any) -> float | None:
+    """``value`` as a float for TensorBoard, or None if it is not a real scalar."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn tensors and numpy scalars into plain Python values for JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return value.item()  # numpy scalar
+    return value
+
+
+class RunLogger:
+    """Append metrics to ``RUN/metrics.jsonl`` and TensorBoard; use as a context manager.
+
+    Args:
+        run_dir: the run directory; created if missing.
+        tensorboard: also write the scalars to TensorBoard event files under ``RUN/tensorboard``.
+        resume_from_iteration: when resuming from a checkpoint taken at iteration ``k``, drop
+            every logged line with iteration > k (rewritten atomically) and make TensorBoard
+            discard steps > k. Without it, an existing file is appended to, after removing a
+            last line cut short by a crash.
+        flush_secs: how often TensorBoard flushes to disk (``metrics.jsonl`` flushes every line).
+
+    Example:
+        >>> with RunLogger(run_dir, resume_from_iteration=ckpt.iteration) as log:
+        ...     log.log(it, meta_loss=loss.item(), inner_lr=0.01)
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        tensorboard: bool = True,
+        *,
+        resume_from_iteration: int | None = None,
+        flush_secs: int = 10,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        if resume_from_iteration is not None and (
+            isinstance(resume_from_iteration, bool) or not isinstance(resume_from_iteration, int)
+        ):
+            raise RunLogError(f"resume_from_iteration must be an int, got {resume_from_iteration!r}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._repair(resume_from_iteration)
+        self._file = open(self.path, "ab")  # closed in close()
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # late: slow import
+
+            purge = None if resume_from_iteration is None else resume_from_iteration + 1
+            self._writer = SummaryWriter(
+                log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=flush_secs
+            )
+
+    def _repair(self, resume_from_iteration: int | None) -> None:
+        """Cut a crash-truncated last line and, when resuming, the lines past the resume point."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        records, good = _parse_lines(self.path, data)
+        if resume_from_iteration is None:
+            if good < len(data):
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+            return
+        kept = [r for r in records if r["iteration"] <= resume_from_iteration]
+        if len(kept) < len(records) or good < len(data):
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_bytes_atomic(self.path, text.encode())
+
+    def log(self, iteration: int, **metrics: Any) -> None:
+        """Append ``{"iteration": iteration, **metrics}`` as one line; real scalars also go to TensorBoard.
+
+        Values may be numbers, 0-d or one-element tensors, numpy scalars, strings, or anything
+        else JSON accepts (non-scalars are skipped for TensorBoard). NaN and infinity are written
+        as Python's ``json`` writes them (``NaN``, ``Infinity``). Names may contain ``/`` to group
+        TensorBoard charts, e.g. ``log(k, **{"train/loss": x})``.
+
+        Raises:
+            RunLogError: the logger is closed, ``iteration`` is not an int, a metric is called
+                ``iteration``, or a value is not JSON-serializable (nothing is written).
+        """
+        if self._file is None:
+            raise RunLogError(f"{self.path}: log() on a closed RunLogger")
+        if isinstance(iteration, bool) or not isinstance(iteration, int):
+            raise RunLogError(f"{self.path}: iteration must be an int, got {iteration!r}")
+        values = {name: _jsonable(v) for name, v in metrics.items()}
+        try:
+            line = json.dumps({"iteration": iteration, **values})
+        except (TypeError, ValueError) as e:
+            raise RunLogError(f"{self.path}: metrics at iteration {iteration} are not JSON: {e}") from None
+        self._file.write((line + "\n").encode())
+        self._file.flush()
+        if self._writer is not None:
+            for name, v in metrics.items():
+                x = _scalar(v)
+                if x is not None:
+                    self._writer.add_scalar(name, x, iteration)
+
+    def flush(self) -> None:
+        """Flush TensorBoard's buffered events (``metrics.jsonl`` is always flushed)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close both files; further ``log`` calls raise. Safe to call twice."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
