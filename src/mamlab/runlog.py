@@ -89,8 +89,13 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
         ``path`` as a ``Path``.
     """
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        os.chmod(tmp, mode)  # mkstemp makes it private; keep the old file's mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
