@@ -235,7 +235,8 @@ def save_checkpoint(
         run_dir: the run directory; created if missing.
         model_state: ``model.state_dict()``.
         iteration: the training iteration (>= 0); names the checkpoint. Saving an iteration that
-            already has a checkpoint replaces it.
+            already has a checkpoint replaces it (the one step that is not atomic: a crash right
+            then loses that iteration, and ``latest_checkpoint`` falls back to the newest other one).
         optimizer_state: ``optimizer.state_dict()``; tensors go to safetensors, the rest to JSON.
         rng_states: named RNG state tensors, e.g. from ``capture_rng_states``.
         config: the run configuration; must be plain JSON (tuples come back as lists).
