@@ -1,5 +1,6 @@
 """Generalization analysis: confidence intervals, representation similarity, loss landscape."""
 
+from mamlab.analysis.similarity import canonical_correlations, cca_similarity, linear_cka
 from mamlab.analysis.stats import (
     Estimate,
     estimate,
@@ -11,6 +12,9 @@ from mamlab.analysis.stats import (
 )
 
 __all__ = [
+    "linear_cka",
+    "cca_similarity",
+    "canonical_correlations",
     "Estimate",
     "estimate",
     "mean_ci",
