@@ -8,18 +8,21 @@ The update rule, for each task T_i of a meta-batch::
 ``meta_loss(batch).backward()`` leaves ∇θ of the meta-loss in ``model.parameters()``' ``.grad``.
 Second order differentiates through the inner steps; first order treats ∇θ L as a constant.
 
-Two execution paths compute the same numbers:
+Three execution paths compute the same numbers:
 
-* ``"vmap"``: the tasks of a meta-batch run together, ``torch.func.vmap`` over a functional
-  forward, with the inner gradient taken by one autograd call for all tasks (each task's loss
-  depends only on its own slice of the batched parameters, so ∇ of the sum is the per-task ∇).
+* ``"batched"``: for MLPs (a Sequential of Linear layers and activations), every task's
+  weights ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.batched``).
+* ``"vmap"``: any model; the tasks of a meta-batch run together, ``torch.func.vmap`` over a
+  functional forward.
+  On both batched paths the inner gradient of all tasks is one autograd call: each task's loss
+  depends only on its own slice of the task-batched parameters, so ∇ of the sum is the per-task ∇.
 * ``"loop"``: a plain per-task loop; each task's graph is freed as soon as its meta-gradient is
   taken, so memory stays at one task's worth. Fastest for convolutional nets on CPU, where
   batched convolutions under vmap are slower and far hungrier for memory.
 
-``execution="auto"`` picks by the rule that ``benchmarks/speed.py`` measured: ``vmap`` for
-models without convolutions or normalization layers, ``loop`` otherwise (see
-``default_execution``). ``MAML.tune(batch)`` times both on your model and batch and keeps the
+``execution="auto"`` picks by the rule that ``benchmarks/speed.py`` measured: ``batched`` for
+MLPs, ``loop`` for models with convolutions or normalization layers on CPU, ``vmap`` otherwise
+(see ``default_execution``). ``MAML.tune(batch)`` times both on your model and batch and keeps the
 faster.
 
 Reference: C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of
@@ -41,6 +44,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from mamlab.batched import batched_forward, plan_for
 from mamlab.errors import MamlabError, check_choice, check_positive
 from mamlab.functional import (
     Params,
@@ -55,7 +59,7 @@ from mamlab.tasks.base import TaskBatch
 
 __all__ = ["MAML", "default_execution", "EXECUTIONS"]
 
-EXECUTIONS = ("auto", "vmap", "loop")
+EXECUTIONS = ("auto", "batched", "vmap", "loop")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _BATCHED_SLOW_OR_UNSAFE = (
@@ -68,7 +72,7 @@ _BATCHED_SLOW_OR_UNSAFE = (
 
 
 def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> str:
-    """The path ``execution="auto"`` takes: ``"loop"`` for conv/norm models on CPU, else ``"vmap"``.
+    """The path ``execution="auto"`` takes: batched MLP, else loop for conv/norm on CPU, else vmap.
 
     Measured on 2 CPU cores (``benchmarks/speed.py``): vmap runs the sinusoid MLP an order of
     magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
@@ -76,6 +80,8 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     shared running mean from batched tasks.
     """
     device = torch.device(device)
+    if plan_for(model) is not None:
+        return "batched"
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
             return "loop"
@@ -107,10 +113,11 @@ class MAML:
         inner_lr: α, the inner SGD step size (> 0).
         inner_steps: how many inner steps adapt θ to a task's support set (>= 1).
         first_order: drop the second-order terms (FOMAML); ``.grad`` is still filled.
-        execution: ``"auto"``, ``"vmap"`` or ``"loop"`` (same numbers, different speed/memory).
+        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (same numbers, different
+            speed and memory).
         inner_params: names of the parameters adapted in the inner loop (default: all). Only
             the head, for example, gives ANIL (Raghu et al. 2020). The outer loop updates all.
-        task_chunk: with ``"vmap"``, how many tasks run together (default: the whole batch);
+        task_chunk: with ``"batched"``/``"vmap"``, how many tasks run together (default: the whole batch);
             smaller chunks trade speed for memory.
 
     BatchNorm: the model runs in whatever mode it is in. Layers built with
@@ -142,6 +149,12 @@ class MAML:
                     f"inner_params {unknown or inner_params!r} are not trainable parameters of the "
                     f"model; allowed: {', '.join(trainable)}"
                 )
+        self._plan = plan_for(model)
+        if execution == "batched" and self._plan is None:
+            raise MamlabError(
+                f"execution 'batched' needs a Sequential of Linear layers and elementwise activations, "
+                f"got {type(model).__name__}; allowed for this model: auto, vmap, loop"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.inner_lr = float(inner_lr)
@@ -175,23 +188,29 @@ class MAML:
                    x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(forward(self.model, {**shared, **adapted}, x, buffers), y)
 
+    def _forward_tasks(self, params: Params, shared: Params, buffers: Params, xs: torch.Tensor,
+                       path: str) -> torch.Tensor:
+        """f_{θ_i}(x_i) for all tasks at once; ``params`` carry a leading task dimension."""
+        if path == "batched":
+            return batched_forward(self._plan, {**shared, **params}, xs)  # type: ignore[arg-type]
+        return vmap(lambda p, x: forward(self.model, {**shared, **p}, x, buffers))(params, xs)
+
+    def _losses_tasks(self, params: Params, shared: Params, buffers: Params, xs: torch.Tensor,
+                      ys: torch.Tensor, path: str) -> torch.Tensor:
+        """Each task's loss ``[T]``: ``loss_fn`` applied task by task (vmapped)."""
+        return vmap(self.loss_fn)(self._forward_tasks(params, shared, buffers, xs, path), ys)
+
     # ------------------------------------------------------------------ inner loop
-    def _adapt_vmap(self, adapted: Params, shared: Params, buffers: Params, xs: torch.Tensor,
-                    ys: torch.Tensor, steps: int, lr: float, create_graph: bool,
-                    track_theta: bool) -> Params:
+    def _adapt_together(self, adapted: Params, shared: Params, buffers: Params, xs: torch.Tensor,
+                        ys: torch.Tensor, steps: int, lr: float, create_graph: bool,
+                        track_theta: bool, path: str, batched: bool = False) -> Params:
         """All tasks at once: θ' = θ − α ∇ Σ_i L_i, with θ given a task dimension."""
-        num_tasks = xs.shape[0]
-        params = expand_to_tasks(adapted, num_tasks)
+        params = dict(adapted) if batched else expand_to_tasks(adapted, xs.shape[0])
         if not track_theta:
             params = {k: p.clone().requires_grad_(True) for k, p in params.items()}
-
-        def task_loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return self._task_loss(p, shared, buffers, x, y)
-
-        batched_loss = vmap(task_loss)
         for _ in range(steps):
             with torch.enable_grad():
-                losses = batched_loss(params, xs, ys)
+                losses = self._losses_tasks(params, shared, buffers, xs, ys, path)
                 grads = _grad(losses.sum(), params, create_graph)
             params = sgd_step(params, grads, lr)
         return params
@@ -210,7 +229,7 @@ class MAML:
         return params
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
-              lr: float | None = None) -> Params:
+              lr: float | None = None, start: Mapping[str, torch.Tensor] | None = None) -> Params:
         """Adapt θ to each task's support set; returns θ'_i as a dict of ``[T, ...]`` tensors.
 
         Args:
@@ -218,6 +237,7 @@ class MAML:
             support_y: ``[T, K, ...]`` support targets.
             steps: inner steps (default ``inner_steps``; 0 returns θ for every task).
             lr: inner step size (default ``inner_lr``).
+            start: batched parameters to continue from (an earlier ``adapt`` result); default θ.
 
         Returns:
             The adapted parameters (the ``inner_params``, all by default), detached from θ.
@@ -228,14 +248,27 @@ class MAML:
         check_positive("lr", lr)
         _check_xy("support", support_x, support_y)
         adapted, shared, buffers = self._split(detach=True)
-        if self.resolved_execution(support_x.device) == "vmap":
-            params = self._adapt_vmap(adapted, shared, buffers, support_x, support_y, steps, lr,
-                                      create_graph=False, track_theta=False)
+        num_tasks = support_x.shape[0]
+        if start is not None:
+            if set(start) != set(adapted) or any(p.shape[0] != num_tasks for p in start.values()):
+                raise MamlabError(
+                    f"start must hold [{num_tasks}, ...] tensors for exactly {', '.join(adapted)}"
+                )
+            begin = {k: p.detach() for k, p in start.items()}
+        else:
+            begin = {k: p.unsqueeze(0).expand(num_tasks, *p.shape) for k, p in adapted.items()}
+        if steps == 0:
+            return {k: p.clone() for k, p in begin.items()}
+        path = self.resolved_execution(support_x.device)
+        if path != "loop":
+            params = self._adapt_together(begin, shared, buffers, support_x, support_y, steps, lr,
+                                          create_graph=False, track_theta=False, path=path,
+                                          batched=True)
         else:
             params = stack_params([
-                self._adapt_loop(adapted, shared, buffers, support_x[i], support_y[i], steps, lr,
-                                 create_graph=False, track_theta=False)
-                for i in range(support_x.shape[0])
+                self._adapt_loop({k: p[i] for k, p in begin.items()}, shared, buffers, support_x[i],
+                                 support_y[i], steps, lr, create_graph=False, track_theta=False)
+                for i in range(num_tasks)
             ])
         return {k: p.detach() for k, p in params.items()}
 
@@ -249,9 +282,10 @@ class MAML:
                 f"x has {x.shape[0]} tasks but params have {next(iter(adapted.values())).shape[0]}; "
                 "they must match"
             )
+        path = self.resolved_execution(x.device)
         with torch.no_grad():
-            if self.resolved_execution(x.device) == "vmap":
-                return vmap(lambda p, xi: forward(self.model, {**shared, **p}, xi, buffers))(adapted, x)
+            if path != "loop":
+                return self._forward_tasks(adapted, shared, buffers, x, path)
             return torch.stack([
                 forward(self.model, {**shared, **{k: p[i] for k, p in adapted.items()}}, x[i], buffers)
                 for i in range(x.shape[0])
@@ -267,19 +301,19 @@ class MAML:
         steps = self.inner_steps if steps is None else steps
         adapted, shared, buffers = self._split(detach=False)
         create_graph = not self.first_order
-        if self.resolved_execution(batch.support_x.device) == "vmap":
-            return self._chunk_losses_vmap(adapted, shared, buffers, batch, steps, create_graph)
+        path = self.resolved_execution(batch.support_x.device)
+        if path != "loop":
+            return self._chunk_losses(adapted, shared, buffers, batch, steps, create_graph, path)
         return torch.stack([
             self._one_task_loss(adapted, shared, buffers, batch, i, steps, create_graph)
             for i in range(batch.num_tasks)
         ])
 
-    def _chunk_losses_vmap(self, adapted: Params, shared: Params, buffers: Params, batch: TaskBatch,
-                           steps: int, create_graph: bool) -> torch.Tensor:
-        params = self._adapt_vmap(adapted, shared, buffers, batch.support_x, batch.support_y,
-                                  steps, self.inner_lr, create_graph, track_theta=True)
-        return vmap(lambda p, x, y: self._task_loss(p, shared, buffers, x, y))(
-            params, batch.query_x, batch.query_y)
+    def _chunk_losses(self, adapted: Params, shared: Params, buffers: Params, batch: TaskBatch,
+                      steps: int, create_graph: bool, path: str) -> torch.Tensor:
+        params = self._adapt_together(adapted, shared, buffers, batch.support_x, batch.support_y,
+                                      steps, self.inner_lr, create_graph, track_theta=True, path=path)
+        return self._losses_tasks(params, shared, buffers, batch.query_x, batch.query_y, path)
 
     def _one_task_loss(self, adapted: Params, shared: Params, buffers: Params, batch: TaskBatch,
                        i: int, steps: int, create_graph: bool) -> torch.Tensor:
@@ -302,15 +336,16 @@ class MAML:
         adapted, shared, buffers = self._split(detach=False)
         create_graph = not self.first_order
         num_tasks = batch.num_tasks
-        if self.resolved_execution(batch.support_x.device) == "vmap":
+        path = self.resolved_execution(batch.support_x.device)
+        if path != "loop":
             size = self.task_chunk or num_tasks
             chunks = [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
 
             def chunk_loss(s: slice) -> torch.Tensor:
                 sub = TaskBatch(batch.support_x[s], batch.support_y[s], batch.query_x[s],
                                 batch.query_y[s])
-                return self._chunk_losses_vmap(adapted, shared, buffers, sub, self.inner_steps,
-                                               create_graph).sum()
+                return self._chunk_losses(adapted, shared, buffers, sub, self.inner_steps,
+                                          create_graph, path).sum()
         else:
             chunks = list(range(num_tasks))
 
@@ -337,7 +372,7 @@ class MAML:
         check_positive("repeats", repeats, integer=True)
         times: dict[str, float] = {}
         saved = [p.grad for p in self.model.parameters()]
-        for path in ("vmap", "loop"):
+        for path in (("batched",) if self._plan is not None else ()) + ("vmap", "loop"):
             self.execution = path
             self.meta_loss(batch)  # warm-up
             start = time.perf_counter()

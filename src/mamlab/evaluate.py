@@ -1,0 +1,151 @@
+"""The meta-test protocol: adapt to held-out tasks from a seeded evaluation stream, score with 95% CIs.
+
+Evaluation episodes come from their own generator (``eval_generator(seed)``), never from the
+training stream, so every model evaluated with the same seed and settings sees the very same
+tasks, and two models' per-task scores can be compared pairwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mamlab.algorithms.maml import MAML
+from mamlab.analysis.stats import mean_ci
+from mamlab.config import TrainConfig
+from mamlab.errors import MamlabError, check_positive
+from mamlab.experiment import accuracy, build_family, is_classification, loss_for
+from mamlab.tasks.base import TaskBatch, TaskFamily
+
+__all__ = ["EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult", "evaluate_model",
+           "per_task_scores", "parse_steps"]
+
+#: Evaluation streams are seeded with ``EVAL_SEED_OFFSET + seed``, away from training seeds.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def eval_generator(seed: int) -> torch.Generator:
+    """The generator of the evaluation stream for ``seed`` (distinct from any training stream)."""
+    return torch.Generator().manual_seed(EVAL_SEED_OFFSET + int(seed))
+
+
+def eval_episodes(family: TaskFamily, num_tasks: int, shots: int, queries: int, seed: int,
+                  chunk: int = 200) -> Iterator[TaskBatch]:
+    """The held-out tasks for ``seed``, in meta-batches of at most ``chunk`` tasks."""
+    gen = eval_generator(seed)
+    done = 0
+    while done < num_tasks:
+        n = min(chunk, num_tasks - done)
+        yield family.sample(n, shots, queries, gen)
+        done += n
+
+
+def parse_steps(text: str | Sequence[int]) -> list[int]:
+    """``"0,1,5,10"`` → ``[0, 1, 5, 10]`` (sorted, unique, each >= 0)."""
+    if isinstance(text, str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise MamlabError(f"steps must be comma-separated integers >= 0, got {text!r}") from None
+    else:
+        values = list(text)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise MamlabError(f"steps must be comma-separated integers >= 0, got {text!r}")
+    return sorted(set(values))
+
+
+@dataclass
+class EvalResult:
+    """Per-task query losses (and accuracies) after each number of inner steps."""
+
+    shots: int
+    queries: int
+    steps: list[int]
+    lr: float
+    num_tasks: int
+    seed: int
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    accuracies: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per step count: mean loss and accuracy with 95% CI half-widths."""
+        rows = []
+        for s in self.steps:
+            m, ci = mean_ci(self.losses[s])
+            row: dict[str, Any] = {"steps": s, "loss": m, "loss_ci95": ci}
+            if s in self.accuracies:
+                am, aci = mean_ci(self.accuracies[s])
+                row.update(accuracy=am, accuracy_ci95=aci)
+            rows.append(row)
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary with the protocol that produced it."""
+        return {"shots": self.shots, "queries": self.queries, "lr": self.lr, "tasks": self.num_tasks,
+                "seed": self.seed, "results": self.summary()}
+
+
+def per_task_scores(maml: MAML, config: TrainConfig, batch: TaskBatch, steps: Sequence[int],
+                    lr: float) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Query loss and accuracy of every task of ``batch`` after each number of ``steps``."""
+    losses: dict[int, torch.Tensor] = {}
+    accs: dict[int, torch.Tensor] = {}
+    params, done = None, 0
+    loss_fn = loss_for(config)
+    for s in sorted(steps):
+        params = maml.adapt(batch.support_x, batch.support_y, steps=s - done, lr=lr, start=params)
+        done = s
+        pred = maml.predict(params, batch.query_x)
+        with torch.no_grad():
+            losses[s] = torch.vmap(loss_fn)(pred, batch.query_y).double()
+            if is_classification(config):
+                accs[s] = accuracy(config, pred, batch.query_y).double()
+    return losses, accs
+
+
+def evaluate_model(model: nn.Module, config: TrainConfig, *, shots: int | None = None,
+                   queries: int | None = None, steps: Sequence[int] = (0, 1, 5, 10), num_tasks: int = 600,
+                   lr: float | None = None, seed: int = 0, family: TaskFamily | None = None,
+                   chunk: int = 200) -> EvalResult:
+    """Meta-test ``model``: adapt on ``num_tasks`` held-out tasks and score their query sets.
+
+    Args:
+        model: the meta-learned (or baseline) network.
+        config: the run's configuration (task family, inner learning rate, execution path).
+        shots: support examples per task (per class for classification); default the config's.
+        queries: query examples per task (per class); default the config's.
+        steps: the numbers of inner steps after which to score (0 = no adaptation).
+        num_tasks: how many held-out tasks.
+        lr: inner step size (default the config's ``inner_lr``).
+        seed: the evaluation stream's seed (same seed → same tasks for every model).
+        family: the task distribution to test on (default the config's test split).
+        chunk: tasks adapted together at a time (bounds memory).
+    """
+    shots = config.shots if shots is None else shots
+    queries = config.queries if queries is None else queries
+    lr = config.inner_lr if lr is None else lr
+    check_positive("shots", shots, integer=True)
+    check_positive("queries", queries, integer=True)
+    check_positive("tasks", num_tasks, integer=True)
+    check_positive("lr", lr)
+    steps = parse_steps(steps)
+    family = build_family(config, "test") if family is None else family
+    maml = MAML(model, loss_for(config), inner_lr=lr, inner_steps=max(1, max(steps)),
+                execution=config.execution)
+    result = EvalResult(shots, queries, steps, lr, num_tasks, seed)
+    parts_l: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    parts_a: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    for batch in eval_episodes(family, num_tasks, shots, queries, seed, chunk):
+        batch = batch.to(dtype=next(model.parameters()).dtype)
+        losses, accs = per_task_scores(maml, config, batch, steps, lr)
+        for s in steps:
+            parts_l[s].append(losses[s])
+            if s in accs:
+                parts_a[s].append(accs[s])
+    result.losses = {s: torch.cat(v) for s, v in parts_l.items()}
+    result.accuracies = {s: torch.cat(v) for s, v in parts_a.items() if v}
+    return result
