@@ -86,7 +86,8 @@ def maml_grad(maml: MAML, batch: TaskBatch) -> list[torch.Tensor]:
     return [p.grad.clone() for p in maml.model.parameters()]
 
 
-def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-9, atol: float = 1e-11) -> None:
+def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-9,
+                 atol: float = 1e-11) -> None:
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
@@ -110,7 +111,8 @@ def test_mlp_meta_gradient_matches_per_task_loop(execution: str, first_order: bo
     batch = Sinusoid().sample(4, 5, 6, torch.Generator().manual_seed(1)).to(dtype=torch.float64)
     maml = MAML(model, F.mse_loss, inner_lr=0.02, inner_steps=steps, first_order=first_order,
                 execution=execution)
-    expected = loop_meta_grad(mlp_forward, list(model.parameters()), F.mse_loss, batch, 0.02, steps, first_order)
+    expected = loop_meta_grad(mlp_forward, list(model.parameters()), F.mse_loss, batch, 0.02, steps,
+                              first_order)
     assert_close(maml_grad(maml, batch), expected)
 
 
