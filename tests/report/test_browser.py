@@ -1,6 +1,7 @@
 """Render the report in headless Chromium: it loads without errors and every figure is displayed.
 
-Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped when none is found.
+Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped when none is found,
+unless ``MAMLAB_REQUIRE_BROWSER=1`` (set it in CI), which turns a missing browser into a failure.
 The report itself has no JavaScript, so the test renders a copy of ``index.html`` with a small
 probe script injected at the top of <head>; on ``load`` the probe writes what it saw (image sizes,
 error events, non-data: resources) into the DOM as JSON, and ``--dump-dom`` hands it back.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -56,6 +58,11 @@ window.addEventListener("load", function () {
   document.body.appendChild(out);
 });
 </script>"""
+
+
+def test_chromium_is_present_when_required():
+    if os.environ.get("MAMLAB_REQUIRE_BROWSER") == "1":
+        assert CHROMIUM is not None, "MAMLAB_REQUIRE_BROWSER=1 but no chromium binary on PATH"
 
 
 def _chromium(args: list[str], timeout: float = 90.0) -> subprocess.CompletedProcess:
