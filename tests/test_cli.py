@@ -1,0 +1,119 @@
+"""The command line: train/eval/demo end to end, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mamlab.cli import main
+
+SMALL = ["--iterations", "20", "--meta-batch", "4", "--shots", "5", "--queries", "5", "--hidden", "8",
+         "--val-every", "10", "--val-tasks", "4", "--checkpoint-every", "10", "--no-progress"]
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "sinusoid", "--out", str(d), *SMALL]) == 0
+    return d
+
+
+def test_eval_json_is_reproducible_and_paired(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(run_dir), "--shots", "5", "--steps", "0,1,5", "--tasks", "50", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert [r["steps"] for r in first["results"]] == [0, 1, 5]
+    assert all(r["loss_ci95"] > 0 for r in first["results"])
+    assert main(["eval", str(run_dir), "--shots", "5", "--steps", "0,1,5", "--tasks", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
+    assert main(["eval", str(run_dir), "--tasks", "30"]) == 0
+    table = capsys.readouterr().out
+    assert "held-out tasks" in table and "±" in table
+
+
+def test_print_config_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('inner_lr = 0.02\nmeta_batch = 7\nhidden = [20, 20]\n')
+    assert main(["train", "sinusoid", "--config", str(cfg), "--meta-batch", "9", "--print-config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["inner_lr"] == 0.02 and resolved["meta_batch"] == 9 and resolved["hidden"] == [20, 20]
+    assert resolved["iterations"] == 70000  # the paper's default
+    assert main(["train", "omniglot", "--data", "x", "--ways", "20", "--print-config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["inner_steps"], resolved["inner_lr"], resolved["meta_batch"]) == (5, 0.1, 16)
+
+
+def test_baseline_trains_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "pre"
+    assert main(["train", "sinusoid", "--baseline", "pretrain", "--out", str(out), *SMALL]) == 0
+    assert json.loads((out / "config.json").read_text())["method"] == "pretrain"
+    assert main(["eval", str(out), "--tasks", "20", "--json"]) == 0
+
+
+BAD = [
+    (["train", "sinusoid", "--inner-lr", "-0.1"], "inner_lr must be a number > 0, got -0.1"),
+    (["train", "sinusoid", "--inner-lr", "0"], "inner_lr must be a number > 0, got 0"),
+    (["train", "sinusoid", "--meta-lr", "0"], "meta_lr must be a number > 0, got 0"),
+    (["train", "sinusoid", "--shots", "0"], "shots must be an integer > 0, got 0"),
+    (["train", "sinusoid", "--queries", "-3"], "queries must be an integer > 0, got -3"),
+    (["train", "sinusoid", "--iterations", "0"], "iterations must be an integer > 0, got 0"),
+    (["train", "sinusoid", "--inner-steps", "0"], "inner_steps must be an integer > 0, got 0"),
+    (["train", "sinusoid", "--meta-batch", "0"], "meta_batch must be an integer > 0, got 0"),
+    (["train", "cosine"], "unknown task family 'cosine'; allowed: sinusoid, linear-regression"),
+    (["train", "sinusoid", "--execution", "gpu"], "unknown execution 'gpu'; allowed: auto, batched"),
+    (["train", "sinusoid", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
+    (["train", "sinusoid", "--amplitude", "5,1"], "amplitude must be two finite numbers low <= high"),
+    (["train", "sinusoid", "--amplitude", "1"], "expected two numbers LOW,HIGH, got '1'"),
+    (["train", "sinusoid", "--hidden", "4,a"], "expected comma-separated integers, got '4,a'"),
+    (["train", "sinusoid", "--iterations", "ten"], "invalid int value: 'ten'"),
+    (["train", "sinusoid"], "train needs --out DIR"),
+    (["train"], "train needs a TASK"),
+    (["train", "omniglot", "--out", "{tmp}/o"], "omniglot needs --data PATH"),
+    (["train", "sinusoid", "--out", "{run}"], "already holds a run; use --resume to continue it"),
+    (["train", "--resume", "{tmp}/nothing"], "cannot resume: '{tmp}/nothing' holds no run"),
+    (["train", "sinusoid", "--config", "{tmp}/missing.toml"], "config file '{tmp}/missing.toml' does not exist"),
+    (["train", "sinusoid", "--config", "{tmp}/bad.toml"], "is not valid TOML"),
+    (["train", "sinusoid", "--config", "{tmp}/unknown.toml"], "unknown key 'inner_rate'; allowed:"),
+    (["eval", "{tmp}/nothing"], "run directory '{tmp}/nothing' does not exist"),
+    (["eval", "{tmp}"], "is not a mamlab run: config.json is missing"),
+    (["eval", "{run}", "--steps", "1,x"], "steps must be comma-separated integers >= 0, got '1,x'"),
+    (["eval", "{run}", "--shots", "0"], "shots must be an integer > 0, got 0"),
+    (["eval", "{run}", "--tasks", "0"], "tasks must be an integer > 0, got 0"),
+    (["eval", "{run}", "--lr", "-1"], "lr must be a number > 0, got -1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:40] for a, _ in BAD])
+def test_bad_input_one_line_error_nothing_changed(argv: list[str], message: str, run_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bad.toml").write_text("inner_lr = = 3\n")
+    (tmp_path / "unknown.toml").write_text("inner_rate = 3\n")
+    fill = {"tmp": str(tmp_path), "run": str(run_dir)}
+    argv = [a.format(**fill) for a in argv]
+    message = message.format(**fill)
+    before_run, before_tmp = snapshot(run_dir), snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(run_dir) == before_run and snapshot(tmp_path) == before_tmp
+
+
+def test_real_process_exits_nonzero_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mamlab", "train", "sinusoid", "--inner-lr", "-1",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "mamlab: error: inner_lr must be a number > 0, got -1.0"
+    assert not (tmp_path / "x").exists()

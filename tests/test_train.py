@@ -1,0 +1,160 @@
+"""Training runs: outputs, exact resume after SIGKILL and SIGTERM, numerical faults, run directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamlab.checkpoint import list_checkpoints, load_model
+from mamlab.config import resolve_config
+from mamlab.errors import MamlabError
+from mamlab.runlog import read_metrics
+from mamlab.train import TrainingDiverged, load_run, train
+
+SMALL = {"iterations": 30, "meta_batch": 4, "shots": 5, "queries": 5, "hidden": [8, 8], "val_every": 10,
+         "val_tasks": 8, "checkpoint_every": 10}
+CLI_SMALL = ["--meta-batch", "4", "--shots", "5", "--queries", "5", "--hidden", "16,16", "--val-every", "50",
+             "--val-tasks", "8", "--no-progress"]
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file under ``path`` with its SHA-256."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_train_writes_a_self_describing_run(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, SMALL)
+    run = train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    d = tmp_path / "run"
+    assert json.loads((d / "config.json").read_text())["iterations"] == 30
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["torch_version"] == torch.__version__ and "mamlab_version" in meta
+    metrics = read_metrics(d)
+    assert [m["iteration"] for m in metrics] == list(range(1, 31))
+    assert all("val_loss" in m for m in metrics if m["iteration"] % 10 == 0)
+    assert [p.name for p in list_checkpoints(d)] == ["iter_000000", "iter_000010", "iter_000020", "iter_000030"]
+    assert any((d / "tensorboard").iterdir())
+    loaded = load_run(d)
+    for a, b in zip(loaded.model.parameters(), run.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # an earlier checkpoint loads too, for analysis over training
+    early = load_run(d, checkpoint=list_checkpoints(d)[1])
+    assert early.iteration == 10
+
+
+def test_meta_training_reduces_the_loss(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 300, "meta_batch": 10, "meta_lr": 0.01,
+                                                "hidden": [40, 40], "val_every": 300})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    metrics = read_metrics(tmp_path / "run")
+    first = sum(m["meta_loss"] for m in metrics[:30]) / 30
+    last = sum(m["meta_loss"] for m in metrics[-30:]) / 30
+    assert last < 0.6 * first
+
+
+def test_same_seed_same_run_bitwise(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, SMALL)
+    a = train(config, tmp_path / "a", progress=False, echo=lambda s: None)
+    b = train(config, tmp_path / "b", progress=False, echo=lambda s: None)
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mamlab", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, beyond: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list_checkpoints(run)) > beyond:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_resume_after_a_kill_is_bitwise_identical(tmp_path: Path, sig: signal.Signals) -> None:
+    args = ["train", "sinusoid", "--iterations", "400", "--checkpoint-every", "40", *CLI_SMALL]
+    ref = _cli(*args, "--out", str(tmp_path / "ref"))
+    victim = _cli(*args, "--out", str(tmp_path / "victim"))
+    _wait_for_checkpoint(tmp_path / "victim", victim, beyond=2)
+    victim.send_signal(sig)
+    out, err = victim.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert victim.returncode == 130, err
+        assert "continue with: mamlab train --resume" in err and "Traceback" not in err
+    else:
+        assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "victim" / "model.safetensors").exists()
+    resumed = _cli("train", "--resume", str(tmp_path / "victim"), "--no-progress")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming" in out
+    ref.communicate(timeout=300)
+    assert ref.returncode == 0
+    a = load_model(tmp_path / "ref" / "model.safetensors")
+    b = load_model(tmp_path / "victim" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    iterations = [m["iteration"] for m in read_metrics(tmp_path / "victim")]
+    assert iterations == list(range(1, 401))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "inner_lr": 1e30})
+    with pytest.raises(TrainingDiverged, match="non-finite meta-loss at iteration 1 .*inner_lr 1e\\+30"):
+        train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    before = snapshot(tmp_path / "run" / "checkpoints")
+    assert "iter_000000/weights.safetensors" in before
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_skip_nonfinite_counts_skips(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "inner_lr": 1e30, "skip_nonfinite": True,
+                                                "iterations": 5})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert read_metrics(tmp_path / "run")[-1]["skipped"] == 5
+
+
+def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 5})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(MamlabError, match="already holds a run; use --resume"):
+        train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert snapshot(tmp_path / "run") == before
+    train(resolve_config("sinusoid", None, {**SMALL, "iterations": 6}), tmp_path / "run", force=True,
+          progress=False, echo=lambda s: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 6
+
+
+def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 20})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    full = train(resolve_config("sinusoid", None, {**SMALL, "iterations": 30}), tmp_path / "full",
+                 progress=False, echo=lambda s: None)
+    extended = train(None, tmp_path / "run", resume=True, iterations=30, progress=False, echo=lambda s: None)
+    for p, q in zip(full.model.parameters(), extended.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("task", ["linear-regression", "linear-classification"])
+def test_linear_tasks_train_and_baseline(tmp_path: Path, task: str) -> None:
+    for method in ("maml", "pretrain"):
+        config = resolve_config(task, None, {**SMALL, "hidden": [], "method": method})
+        run = train(config, tmp_path / method, progress=False, echo=lambda s: None)
+        assert run.config.method == method
