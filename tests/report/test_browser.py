@@ -71,11 +71,14 @@ def _chromium(args: list[str], timeout: float = 90.0) -> subprocess.CompletedPro
                               text=True, timeout=timeout, check=False)
 
 
-def _probe(page: Path) -> dict:
-    """Load ``page`` (with the probe injected, in a sibling file) and return the probe's findings."""
+def _probe(page: Path, work_dir: Path) -> dict:
+    """Load ``page`` (a copy with the probe injected, in ``work_dir``) and return the probe's findings.
+
+    The copy may live elsewhere because the report's figures are data: URIs, not relative files.
+    """
     source = page.read_text(encoding="utf-8")
     assert source.count("<head>") == 1
-    probed = page.with_name(f"probe-{page.name}")
+    probed = work_dir / f"probe-{page.name}"
     probed.write_text(source.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
     result = _chromium(["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()])
     match = re.search(r'<pre id="mamlab-probe">(.*?)</pre>', result.stdout, re.S)
@@ -84,8 +87,8 @@ def _probe(page: Path) -> dict:
 
 
 @needs_chromium
-def test_report_loads_without_errors_and_shows_every_figure(sample_report):
-    seen = _probe(sample_report)
+def test_report_loads_without_errors_and_shows_every_figure(sample_report, tmp_path):
+    seen = _probe(sample_report, tmp_path)
     assert seen["errors"] == []
     assert seen["external"] == []  # nothing fetched but data: URIs
     assert seen["tables"] == 3
@@ -106,14 +109,14 @@ def test_probe_detects_a_broken_figure(tmp_path):
                     'AAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==">'
                     '<img alt="broken" src="data:image/png;base64,bm90IGEgcG5n"></body></html>',
                     encoding="utf-8")
-    seen = _probe(page)
+    seen = _probe(page, tmp_path)
     assert [im["naturalWidth"] for im in seen["images"]] == [1, 0]
     assert len(seen["errors"]) == 1 and "IMG" in seen["errors"][0]
 
 
 @needs_chromium
-def test_screenshot_of_the_report_is_not_blank(sample_report):
-    shot = sample_report.parent / "screenshot.png"
+def test_screenshot_of_the_report_is_not_blank(sample_report, tmp_path):
+    shot = tmp_path / "screenshot.png"
     result = _chromium(["--window-size=1100,3400", f"--screenshot={shot}", sample_report.as_uri()])
     assert shot.is_file(), f"no screenshot (rc={result.returncode}); stderr: {result.stderr[-2000:]}"
     image = imread(shot)[..., :3]
