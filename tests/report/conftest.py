@@ -79,11 +79,18 @@ def sample_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_sample_report(tmp_path_factory.mktemp("report") / "out")
 
 
-def find_chromium() -> str | None:
-    """The headless browser to use: $MAMLAB_CHROMIUM, else chromium/chromium-browser/google-chrome on PATH."""
+@pytest.fixture(scope="session")
+def sample_spec() -> dict:
+    """What the sample report contains that tests check for (import-free: conftest is not a module)."""
+    return {"methods": METHODS, "hostile": HOSTILE}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str | None:
+    """The headless browser: $MAMLAB_CHROMIUM, else chromium/chromium-browser/google-chrome on PATH."""
     env = os.environ.get("MAMLAB_CHROMIUM")
     if env:
-        return env if shutil.which(env) else None
+        return shutil.which(env)
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
         found = shutil.which(name)
         if found:

@@ -19,16 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import find_chromium
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = find_chromium()
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium found (install the Debian package `chromium`, or set MAMLAB_CHROMIUM)",
-)
+SKIP_REASON = "no Chromium found (install the Debian package `chromium`, or set MAMLAB_CHROMIUM)"
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -60,18 +54,23 @@ window.addEventListener("load", function () {
 </script>"""
 
 
-def test_chromium_is_present_when_required():
-    if os.environ.get("MAMLAB_REQUIRE_BROWSER") == "1":
-        assert CHROMIUM is not None, "MAMLAB_REQUIRE_BROWSER=1 but no chromium binary on PATH"
+@pytest.fixture
+def browser(chromium: str | None) -> str:
+    """The Chromium binary; skips the test when there is none, fails it if MAMLAB_REQUIRE_BROWSER=1."""
+    if chromium is None:
+        if os.environ.get("MAMLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail("MAMLAB_REQUIRE_BROWSER=1 but " + SKIP_REASON)
+        pytest.skip(SKIP_REASON)
+    return chromium
 
 
-def _chromium(args: list[str], timeout: float = 90.0) -> subprocess.CompletedProcess:
+def _chromium(binary: str, args: list[str], timeout: float = 90.0) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="mamlab-chromium-") as profile:
-        return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+        return subprocess.run([binary, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
                               text=True, timeout=timeout, check=False)
 
 
-def _probe(page: Path, work_dir: Path) -> dict:
+def _probe(binary: str, page: Path, work_dir: Path) -> dict:
     """Load ``page`` (a copy with the probe injected, in ``work_dir``) and return the probe's findings.
 
     The copy may live elsewhere because the report's figures are data: URIs, not relative files.
@@ -80,15 +79,14 @@ def _probe(page: Path, work_dir: Path) -> dict:
     assert source.count("<head>") == 1
     probed = work_dir / f"probe-{page.name}"
     probed.write_text(source.replace("<head>", "<head>\n" + PROBE, 1), encoding="utf-8")
-    result = _chromium(["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()])
+    result = _chromium(binary, ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()])
     match = re.search(r'<pre id="mamlab-probe">(.*?)</pre>', result.stdout, re.S)
     assert match, f"probe output missing (rc={result.returncode}); stderr: {result.stderr[-2000:]}"
     return json.loads(html.unescape(match.group(1)))
 
 
-@needs_chromium
-def test_report_loads_without_errors_and_shows_every_figure(sample_report, tmp_path):
-    seen = _probe(sample_report, tmp_path)
+def test_report_loads_without_errors_and_shows_every_figure(browser, sample_report, tmp_path):
+    seen = _probe(browser, sample_report, tmp_path)
     assert seen["errors"] == []
     assert seen["external"] == []  # nothing fetched but data: URIs
     assert seen["tables"] == 3
@@ -100,8 +98,7 @@ def test_report_loads_without_errors_and_shows_every_figure(sample_report, tmp_p
         assert image["width"] > 300 and image["height"] > 150, image  # laid out at a readable size
 
 
-@needs_chromium
-def test_probe_detects_a_broken_figure(tmp_path):
+def test_probe_detects_a_broken_figure(browser, tmp_path):
     # The check above can fail: a corrupt image is reported with naturalWidth 0 and an error event.
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><head><title>b</title></head><body>'
@@ -109,15 +106,14 @@ def test_probe_detects_a_broken_figure(tmp_path):
                     'AAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==">'
                     '<img alt="broken" src="data:image/png;base64,bm90IGEgcG5n"></body></html>',
                     encoding="utf-8")
-    seen = _probe(page, tmp_path)
+    seen = _probe(browser, page, tmp_path)
     assert [im["naturalWidth"] for im in seen["images"]] == [1, 0]
     assert len(seen["errors"]) == 1 and "IMG" in seen["errors"][0]
 
 
-@needs_chromium
-def test_screenshot_of_the_report_is_not_blank(sample_report, tmp_path):
+def test_screenshot_of_the_report_is_not_blank(browser, sample_report, tmp_path):
     shot = tmp_path / "screenshot.png"
-    result = _chromium(["--window-size=1100,3400", f"--screenshot={shot}", sample_report.as_uri()])
+    result = _chromium(browser, ["--window-size=1100,3400", f"--screenshot={shot}", sample_report.as_uri()])
     assert shot.is_file(), f"no screenshot (rc={result.returncode}); stderr: {result.stderr[-2000:]}"
     image = imread(shot)[..., :3]
     assert image.shape[:2] == (3400, 1100)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HOSTILE, METHODS
 from matplotlib.image import imread
 
 from mamlab.analysis.stats import Estimate
@@ -56,14 +55,14 @@ def test_format_value():
         format_value([1, 2, 3])
 
 
-def test_report_is_self_contained_and_escapes_text(sample_report):
+def test_report_is_self_contained_and_escapes_text(sample_report, sample_spec):
     out = sample_report.parent
     page = sample_report.read_text(encoding="utf-8")
     tags = _parse(sample_report)
     # No script of any kind, and the hostile text arrives as text, not markup.
     assert not [t for t, _ in tags.tags if t in ("script", "iframe", "object", "embed", "link")]
     assert not [t for t, _ in tags.tags if t == "b"]
-    assert HOSTILE in "".join(tags.text)
+    assert sample_spec["hostile"] in "".join(tags.text)
     assert "&lt;script&gt;" in page
     # No external resource: every src is a data: URI; links stay local.
     srcs = [a["src"] for t, a in tags.tags if "src" in a]
@@ -81,11 +80,11 @@ def test_report_is_self_contained_and_escapes_text(sample_report):
     assert page.count("<figcaption>") == 3 and page.count("<caption>") == 3
 
 
-def test_results_json_holds_every_number_in_the_tables(sample_report):
+def test_results_json_holds_every_number_in_the_tables(sample_report, sample_spec):
     data = json.loads((sample_report.parent / "results.json").read_text(encoding="utf-8"))
     page = sample_report.read_text(encoding="utf-8")
     assert data["results"]["seed"] == 0
-    assert set(data["results"]["final"]) == set(METHODS)
+    assert set(data["results"]["final"]) == set(sample_spec["methods"])
     tables = [t for s in data["sections"] for t in s["tables"]]
     assert [t["number"] for t in tables] == [1, 2, 3]
     shown = 0
