@@ -403,6 +403,9 @@ class OmniglotTasks:
         self.in_channels, self.image_size = 1, pool.images.shape[-1]
         reps = 4 if self.rotation_classes else 1
         self._class_groups = pool.groups.repeat(reps)  # virtual class r*C + c is character c rotated r*90
+        pixels = torch.arange(pool.images.shape[-2] * pool.images.shape[-1]).view(pool.images.shape[-2:])
+        # _turns[r, p]: the source pixel of output pixel p under r quarter turns (torch.rot90)
+        self._turns = torch.stack([torch.rot90(pixels, r, dims=(-2, -1)).flatten() for r in range(4)])
         if self.within_groups:
             sizes = torch.bincount(self._class_groups)
             self._eligible = torch.nonzero(sizes >= self.ways).flatten()
@@ -440,21 +443,27 @@ class OmniglotTasks:
             keys.masked_fill_(self._class_groups.unsqueeze(0) != chosen.unsqueeze(1), -1.0)
         classes = keys.topk(n, dim=1).indices  # a uniform random N-subset, in random order
         drawing = torch.rand(t, n, limit, generator=generator).argsort(dim=-1)[..., :draws]
-        x = self.pool.images[(classes % c).unsqueeze(-1), drawing]  # [T, N, K+Q, H, W]
-        rotation = classes // c
-        if self.rotate:
-            rotation = (rotation + torch.randint(4, (t, n), generator=generator)) % 4
+        rows = ((classes % c) * limit).unsqueeze(-1) + drawing  # [T, N, K+Q] rows of the flat pool
+        flat = self.pool.images.flatten(0, 1).flatten(1)  # [C*D, H*W], a view
+        h, w = self.pool.images.shape[-2:]
+        rotation = None
         if self.rotate or self.rotation_classes:
-            for r in (1, 2, 3):
-                mask = rotation == r
-                if bool(mask.any()):
-                    x[mask] = torch.rot90(x[mask], r, dims=(-2, -1))
-        h, w = x.shape[-2:]
-        y = torch.arange(n).view(1, n, 1).expand(t, n, draws)
-        return TaskBatch(x[:, :, :shots].reshape(t, n * shots, 1, h, w),
-                         y[:, :, :shots].reshape(t, n * shots),
-                         x[:, :, shots:].reshape(t, n * queries, 1, h, w),
-                         y[:, :, shots:].reshape(t, n * queries))
+            rotation = classes // c  # [T, N], in quarter turns
+            if self.rotate:
+                rotation = (rotation + torch.randint(4, (t, n), generator=generator)) % 4
+
+        def gather(r: torch.Tensor) -> torch.Tensor:
+            # index_select is far faster than 2-D fancy indexing; a rotation is a pixel permutation,
+            # applied by one gather (fewer, larger ops hold up best when the cores are busy)
+            x = flat.index_select(0, r.reshape(-1))
+            if rotation is not None:
+                x = x.gather(1, self._turns.index_select(0, rotation.repeat_interleave(r.shape[-1])))
+            return x.view(t * n, r.shape[-1], h, w)
+
+        support, query = gather(rows[..., :shots]), gather(rows[..., shots:])
+        y = torch.arange(n).view(1, n, 1)
+        return TaskBatch(support.view(t, n * shots, 1, h, w), y.expand(t, n, shots).reshape(t, n * shots),
+                         query.view(t, n * queries, 1, h, w), y.expand(t, n, queries).reshape(t, n * queries))
 
     def __repr__(self) -> str:
         return (f"OmniglotTasks(classes={self.num_classes}, drawings={self.pool.num_drawings}, "
