@@ -55,6 +55,7 @@ from mamlab.functional import (
     sgd_step,
     stack_params,
 )
+from mamlab.losses import per_task_loss
 from mamlab.tasks.base import TaskBatch
 
 __all__ = ["MAML", "default_execution", "EXECUTIONS"]
@@ -157,6 +158,7 @@ class MAML:
             )
         self.model = model
         self.loss_fn = loss_fn
+        self._per_task_loss = per_task_loss(loss_fn)
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
@@ -197,8 +199,8 @@ class MAML:
 
     def _losses_tasks(self, params: Params, shared: Params, buffers: Params, xs: torch.Tensor,
                       ys: torch.Tensor, path: str) -> torch.Tensor:
-        """Each task's loss ``[T]``: ``loss_fn`` applied task by task (vmapped)."""
-        return vmap(self.loss_fn)(self._forward_tasks(params, shared, buffers, xs, path), ys)
+        """Each task's loss ``[T]``: ``loss_fn`` applied task by task (``mamlab.losses``)."""
+        return self._per_task_loss(self._forward_tasks(params, shared, buffers, xs, path), ys)
 
     # ------------------------------------------------------------------ inner loop
     def _adapt_together(self, adapted: Params, shared: Params, buffers: Params, xs: torch.Tensor,
