@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="Omniglot folder or zip(s)")
     t.add_argument("--split", help="Omniglot split: minimal, vinyals, background")
     t.add_argument("--ways", type=int, help="N in N-way classification")
+    t.add_argument("--filters", type=int, help="Conv4 filters per layer (64 in the paper)")
+    t.add_argument("--no-rotate", action="store_const", const=False, dest="rotate",
+                   help="Omniglot: no random 90-degree rotation of training classes")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     e = sub.add_parser("eval", help="meta-test a trained run on held-out tasks",
                        description="Adapt the run's model to held-out tasks from a seeded evaluation "
@@ -91,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path, help="run directory")
     e.add_argument("--shots", type=int, help="support examples per task (default: the run's)")
     e.add_argument("--queries", type=int, help="query examples per task (default: the run's)")
-    e.add_argument("--steps", default="0,1,5,10", help="inner steps to score after (default 0,1,5,10)")
+    e.add_argument("--steps", default=None,
+                   help="inner steps to score after (default 0,1,5,10; with --omniglot-runs the run's "
+                   "inner_steps)")
     e.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
     e.add_argument("--lr", type=float, help="inner step size (default: the run's inner_lr)")
     e.add_argument("--seed", type=int, default=0, help="evaluation stream seed (default 0)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--omniglot-runs", type=Path, dest="omniglot_runs",
                    help="evaluate on the 20 official one-shot runs (all_runs.zip or its folder)")
 
@@ -129,7 +136,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     keys = ("iterations", "meta_batch", "shots", "queries", "inner_lr", "inner_steps", "meta_lr",
             "first_order", "seed", "execution", "hidden", "val_every", "val_tasks", "checkpoint_every",
             "skip_nonfinite", "deterministic", "amplitude", "phase", "x_range", "dim", "data", "split",
-            "ways")
+            "ways", "filters", "rotate")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if args.baseline:
         overrides["method"] = args.baseline
@@ -150,13 +157,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     run = load_run(args.run)
     if args.omniglot_runs is not None:
-        from mamlab.tasks.omniglot_runs import evaluate_maml_on_runs
+        from mamlab.evaluate import evaluate_on_oneshot_runs
 
-        result = evaluate_maml_on_runs(run.model, run.config, args.omniglot_runs,
-                                       steps=max(parse_steps(args.steps)), lr=args.lr)
+        steps = None if args.steps is None else max(parse_steps(args.steps))
+        result = evaluate_on_oneshot_runs(run.model, run.config, args.omniglot_runs, steps=steps,
+                                          lr=args.lr)
         print(json.dumps(result, indent=2) if args.json else result["table"])
         return 0
-    steps = parse_steps(args.steps)
+    steps = parse_steps(args.steps or "0,1,5,10")
     result = evaluate_model(run.model, run.config, shots=args.shots, queries=args.queries, steps=steps,
                             num_tasks=args.tasks, lr=args.lr, seed=args.seed)
     if args.json:
@@ -201,6 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"mamlab: error: threads must be an integer > 0, got {threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
     from mamlab.train import TrainingDiverged, TrainingInterrupted
 
     try:

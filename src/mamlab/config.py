@@ -60,6 +60,8 @@ class TrainConfig:
     ways: int = 5
     downsample: str = "pool"
     filters: int = 64
+    rotate: bool = True  # augmentation: each training class turned by a random multiple of 90 degrees
+    validation_fraction: float = 0.1  # meta-training characters held out for periodic validation
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-ready dict."""
@@ -97,6 +99,9 @@ class TrainConfig:
                     or pair[0] > pair[1]):
                 raise MamlabError(f"{name} must be two finite numbers low <= high, got {pair!r}")
         check_choice("downsample", self.downsample, ("pool", "stride"))
+        check_choice("split", self.split, ("minimal", "vinyals", "background"))
+        if not 0.0 < float(self.validation_fraction) < 1.0:
+            raise MamlabError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
         if self.task == "omniglot" and not self.data:
             raise MamlabError("omniglot needs --data PATH: a folder or zip of the Omniglot release")
         return self
@@ -115,10 +120,10 @@ def task_defaults(task: str, ways: int | None = None) -> dict[str, Any]:
         if (ways or 5) >= 20:
             return {"ways": ways, "meta_batch": 16, "shots": 1, "queries": 1, "inner_lr": 0.1,
                     "inner_steps": 5, "meta_lr": 0.001, "iterations": 60000, "val_every": 500,
-                    "val_tasks": 100, "checkpoint_every": 500}
+                    "val_tasks": 32, "checkpoint_every": 500}
         return {"ways": ways or 5, "meta_batch": 32, "shots": 1, "queries": 1, "inner_lr": 0.4,
                 "inner_steps": 1, "meta_lr": 0.001, "iterations": 60000, "val_every": 500,
-                "val_tasks": 100, "checkpoint_every": 500}
+                "val_tasks": 32, "checkpoint_every": 500}
     check_choice("task", task, TASKS)
     return {}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +22,8 @@ from mamlab.errors import MamlabError, check_positive
 from mamlab.experiment import accuracy, build_family, is_classification, loss_for
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
-__all__ = ["EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult", "evaluate_model",
-           "per_task_scores", "parse_steps"]
+__all__ = ["evaluate_on_oneshot_runs", "EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult",
+           "evaluate_model", "per_task_scores", "parse_steps"]
 
 #: Evaluation streams are seeded with ``EVAL_SEED_OFFSET + seed``, away from training seeds.
 EVAL_SEED_OFFSET = 1_000_003
@@ -149,3 +150,39 @@ def evaluate_model(model: nn.Module, config: TrainConfig, *, shots: int | None =
     result.losses = {s: torch.cat(v) for s, v in parts_l.items()}
     result.accuracies = {s: torch.cat(v) for s, v in parts_a.items() if v}
     return result
+
+
+def evaluate_on_oneshot_runs(model: nn.Module, config: TrainConfig, path: str | Path, *,
+                             steps: int | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Lake et al.'s one-shot challenge: adapt on each run's 20 training images, classify its 20 tests.
+
+    BatchNorm normalizes with each batch's own statistics (as in training), so the 20 test images
+    of a run are classified together, as MAML's reference evaluation does with its query sets.
+
+    Returns:
+        ``{"errors": [% per run], "mean": %, "ci95": %, "runs": 20, "steps", "lr", "table"}``.
+    """
+    from mamlab.tasks.omniglot_runs import evaluate_runs, load_runs
+
+    if config.task != "omniglot":
+        raise MamlabError(f"--omniglot-runs needs an omniglot run, this run's task is {config.task!r}")
+    if config.ways != 20:
+        raise MamlabError(f"the one-shot runs are 20-way but this model has {config.ways} outputs; "
+                          "train with --ways 20")
+    steps = config.inner_steps if steps is None else steps
+    lr = config.inner_lr if lr is None else lr
+    check_positive("steps", steps, integer=True, allow_zero=True)
+    check_positive("lr", lr)
+    maml = MAML(model, loss_for(config), inner_lr=lr, inner_steps=max(1, steps), execution=config.execution)
+    dtype = next(model.parameters()).dtype
+
+    def classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor) -> torch.Tensor:
+        params = maml.adapt(train_x[None].to(dtype), train_y[None], steps=steps, lr=lr)
+        return maml.predict(params, test_x[None].to(dtype))[0].argmax(-1)
+
+    result = evaluate_runs(load_runs(path), classify)
+    lines = [f"{'run':>4}  {'error %':>7}"]
+    lines += [f"{i + 1:>4}  {e:>7.1f}" for i, e in enumerate(result["errors"])]
+    lines.append(f"mean  {result['mean']:>7.2f} ± {result['ci95']:.2f} (95% CI over {result['runs']} runs), "
+                 f"{steps} steps of lr {lr}")
+    return {**result, "steps": steps, "lr": lr, "table": "\n".join(lines)}

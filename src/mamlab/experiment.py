@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from mamlab.errors import MamlabError
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import LinearClassification, LinearRegression, Sinusoid, TaskFamily
 
-__all__ = ["build_family", "build_model", "loss_for", "is_classification", "accuracy"]
+__all__ = ["build_family", "build_model", "loss_for", "is_classification", "accuracy", "omniglot"]
 
 
 def build_family(config: TrainConfig, split: str = "train") -> TaskFamily:
@@ -25,10 +26,28 @@ def build_family(config: TrainConfig, split: str = "train") -> TaskFamily:
     if config.task == "linear-classification":
         return LinearClassification(config.dim, config.weight_mean, config.weight_std)
     if config.task == "omniglot":
-        from mamlab.tasks.omniglot import omniglot_family
-
-        return omniglot_family(config, split)
+        part = {"train": "train", "validation": "validation", "test": "test"}[split]
+        return omniglot(config).tasks(part, config.ways)
     raise MamlabError(f"unknown task {config.task!r}")
+
+
+_OMNIGLOT_CACHE: dict[tuple, object] = {}
+
+
+def omniglot(config: TrainConfig):  # -> mamlab.tasks.omniglot.Omniglot
+    """The Omniglot dataset of a config (loaded once per process; images are cached on disk too)."""
+    from mamlab.tasks.omniglot import Omniglot
+
+    key = (str(Path(config.data).resolve()), config.split, config.seed, config.rotate,
+           config.validation_fraction)
+    if key not in _OMNIGLOT_CACHE:
+        root = Path(config.data)
+        if root.is_file():  # a path to one of the archives: use the folder holding it
+            root = root.parent
+        _OMNIGLOT_CACHE[key] = Omniglot(root, config.split, config.ways, seed=config.seed,
+                                        rotate=config.rotate,
+                                        validation_fraction=config.validation_fraction)
+    return _OMNIGLOT_CACHE[key]
 
 
 def build_model(config: TrainConfig) -> nn.Module:

@@ -43,6 +43,7 @@ from mamlab.checkpoint import (
 )
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError
+from mamlab.evaluate import per_task_scores
 from mamlab.experiment import build_family, build_model, is_classification, loss_for
 from mamlab.runlog import RunLogger, run_metadata, write_json_atomic
 from mamlab.tasks.base import TaskBatch
@@ -230,13 +231,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                         config=config.to_dict(), metrics=metrics, extra={"skipped": skipped})
 
     def validate() -> dict[str, float]:
-        with torch.enable_grad():
-            if config.method == "pretrain":
-                losses = torch.stack([pretrain_loss(model, loss_fn, val_batch.task(i))
-                                      for i in range(val_batch.num_tasks)]).detach()
-            else:
-                losses = maml.query_losses(val_batch).detach()
-        return {"val_loss": float(losses.mean())}
+        """Held-out query loss (and accuracy) after the inner steps, on fixed validation tasks."""
+        losses, accs = per_task_scores(maml, config, val_batch, [config.inner_steps], config.inner_lr)
+        out = {"val_loss": float(losses[config.inner_steps].mean())}
+        if accs:
+            out["val_accuracy"] = float(accs[config.inner_steps].mean())
+        return out
 
     from tqdm.auto import tqdm
 
