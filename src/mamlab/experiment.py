@@ -26,8 +26,11 @@ def build_family(config: TrainConfig, split: str = "train") -> TaskFamily:
     if config.task == "linear-classification":
         return LinearClassification(config.dim, config.weight_mean, config.weight_std)
     if config.task == "omniglot":
-        part = {"train": "train", "validation": "validation", "test": "test"}[split]
-        return omniglot(config).tasks(part, config.ways)
+        data = omniglot(config)
+        try:
+            return data.tasks(split, config.ways)
+        except MamlabError as e:
+            raise MamlabError(f"Omniglot {config.split} split, {split} characters: {e}") from None
     raise MamlabError(f"unknown task {config.task!r}")
 
 
