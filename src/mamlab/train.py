@@ -48,8 +48,8 @@ from mamlab.experiment import build_family, build_model, is_classification, loss
 from mamlab.runlog import RunLogger, run_metadata, write_json_atomic
 from mamlab.tasks.base import TaskBatch
 
-__all__ = ["train", "load_run", "Run", "TrainingDiverged", "TrainingInterrupted", "pretrain_loss",
-           "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
+__all__ = ["train", "load_run", "read_config", "Run", "TrainingDiverged", "TrainingInterrupted",
+           "pretrain_loss", "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -83,7 +83,8 @@ def pretrain_loss(model: nn.Module, loss_fn: Callable, batch: TaskBatch) -> torc
     return loss_fn(model(x), y)
 
 
-def _read_config(run_dir: Path) -> TrainConfig:
+def read_config(run_dir: Path) -> TrainConfig:
+    """The TrainConfig saved in a run directory (one-line error if missing or invalid)."""
     path = run_dir / CONFIG_FILE
     try:
         values = json.loads(path.read_text())
@@ -99,7 +100,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MamlabError(f"run directory {str(run_dir)!r} does not exist")
-    config = _read_config(run_dir)
+    config = read_config(run_dir)
     model = build_model(config)
     if checkpoint is None and (run_dir / MODEL_FILE).exists():
         state = load_model(run_dir / MODEL_FILE)
@@ -187,7 +188,7 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     out_dir = Path(out_dir)
     _prepare_dir(out_dir, resume, force)
     if resume:
-        config = _read_config(out_dir)
+        config = read_config(out_dir)
         if iterations is not None:
             config.iterations = iterations
             config.validate()
