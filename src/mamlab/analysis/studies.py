@@ -1,0 +1,621 @@
+"""Generalization studies of meta-learned networks: pure functions from learners and episodes to numbers.
+
+A :class:`Learner` is a network that is adapted to each task by plain SGD on the task's support
+set: a MAML or first-order MAML run, the pretrain baseline (Finn et al. 2017), a randomly
+initialized network, or head-only adaptation of a MAML network (ANIL, Raghu et al. 2020). Every
+study takes the learners and the *same* ``TaskBatch`` for all of them, so per-task scores are
+paired across learners; each number comes back as an :class:`~mamlab.analysis.stats.Estimate`
+(mean ± 95% CI half-width over tasks) and differences between learners as paired estimates.
+
+Studies (all on held-out tasks unless stated):
+
+* :func:`adaptation_curves`: query and support loss (and accuracy) after 0..S inner steps.
+* :func:`shot_sweep`: query loss against the number of support examples K at fixed steps.
+* :func:`generalization_gap`: training-distribution vs held-out tasks; support vs query loss.
+* :func:`meta_overfitting_curve`: the same across a run's training checkpoints.
+* :func:`distribution_shift`: query loss as tasks move away from the training distribution
+  (:func:`sinusoid_shift_conditions`, :func:`rotation_conditions`).
+* :func:`representation_change`: per-layer CKA/CCA between representations before and after
+  adaptation, and each layer's relative parameter change (Raghu et al. 2020).
+* :func:`landscape`: top Hessian eigenvalue of the support/query loss at θ and θ', and the
+  gradient norm along the inner trajectory.
+
+References:
+    C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
+    Networks. ICML 2017.
+    A. Raghu, M. Raghu, S. Bengio, O. Vinyals. Rapid Learning or Feature Reuse? Towards
+    Understanding the Effectiveness of MAML. ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mamlab.algorithms.maml import MAML
+from mamlab.analysis.landscape import gradient_norms_along_inner_trajectory, top_hessian_eigenvalue
+from mamlab.analysis.representations import (
+    capture_representations,
+    head_parameter_names,
+    layer_label,
+    parametrized_layers,
+    relative_parameter_change,
+    representation_layers,
+)
+from mamlab.analysis.similarity import cca_similarity, linear_cka
+from mamlab.analysis.stats import Estimate, mean_ci, paired_difference_ci, unpaired_difference_ci
+from mamlab.config import TrainConfig
+from mamlab.errors import MamlabError, check_positive
+from mamlab.evaluate import eval_generator
+from mamlab.experiment import accuracy, build_model, is_classification, loss_for
+from mamlab.functional import forward, parameters_of
+from mamlab.losses import per_task_loss
+from mamlab.tasks.base import TaskBatch, TaskFamily
+from mamlab.tasks.sinusoid import Sinusoid
+
+__all__ = [
+    "STUDIES",
+    "KINDS",
+    "RANDOM_INIT_SEED_OFFSET",
+    "Learner",
+    "Scores",
+    "run_kind",
+    "random_init_model",
+    "anil_learner",
+    "estimate_finite",
+    "paired_estimate",
+    "episodes",
+    "adaptation_scores",
+    "adaptation_curves",
+    "shot_sweep",
+    "generalization_gap",
+    "meta_overfitting_curve",
+    "sinusoid_shift_conditions",
+    "rotate_batch",
+    "rotation_conditions",
+    "distribution_shift",
+    "representation_change",
+    "landscape",
+]
+
+#: The studies ``mamlab.analysis.report.analyze_runs`` can run, in report order.
+STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape")
+#: Kinds of learner: trained runs (maml, fomaml, pretrain) and the baselines derived here.
+KINDS = ("maml", "fomaml", "pretrain", "random", "anil")
+#: The randomly initialized baseline is built under ``torch.manual_seed(RANDOM_INIT_SEED_OFFSET + seed)``.
+RANDOM_INIT_SEED_OFFSET = 3_000_017
+
+
+@dataclass
+class Learner:
+    """A network adapted per task by SGD on its support set (all parameters, or ``inner_params``).
+
+    Args:
+        name: its label in tables and figures (unique among the learners compared).
+        model: the network; never modified.
+        config: the run's configuration (task, loss, execution path).
+        kind: one of ``KINDS``.
+        inner_params: the parameters adapted per task (default all; ANIL: the head's).
+        lr: inner SGD step size (default the config's ``inner_lr``).
+    """
+
+    name: str
+    model: nn.Module
+    config: TrainConfig
+    kind: str
+    inner_params: list[str] | None = None
+    lr: float | None = None
+
+    @property
+    def inner_lr(self) -> float:
+        """The inner step size used for this learner."""
+        return float(self.config.inner_lr if self.lr is None else self.lr)
+
+    def maml(self) -> MAML:
+        """A ``MAML`` wrapper that adapts this learner's network (``adapt``/``predict``)."""
+        return MAML(self.model, loss_for(self.config), inner_lr=self.inner_lr,
+                    execution=self.config.execution, inner_params=self.inner_params)
+
+
+def run_kind(config: TrainConfig) -> str:
+    """``"pretrain"``, ``"fomaml"`` or ``"maml"``: how a run's network was trained."""
+    if config.method == "pretrain":
+        return "pretrain"
+    return "fomaml" if config.first_order else "maml"
+
+
+def random_init_model(config: TrainConfig, seed: int = 0) -> nn.Module:
+    """A freshly initialized network of the config's architecture, reproducible from ``seed``.
+
+    The global torch RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED_OFFSET + int(seed))
+        return build_model(config)
+
+
+def anil_learner(learner: Learner, name: str | None = None) -> Learner:
+    """Head-only adaptation (ANIL, Raghu et al. 2020) of ``learner``'s network."""
+    return Learner(name or f"ANIL ({learner.name})", learner.model, learner.config, "anil",
+                   head_parameter_names(learner.model), learner.lr)
+
+
+# ---------------------------------------------------------------------- estimates
+def estimate_finite(values: torch.Tensor | np.ndarray | Sequence[float]) -> Estimate:
+    """Mean ± 95% CI of the finite values (NaN where fewer than 2); ``n`` counts those used."""
+    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size < 2:
+        return Estimate(float(arr.mean()) if arr.size else math.nan, math.nan, int(arr.size))
+    if np.all(arr == arr[0]):
+        return Estimate(float(arr[0]), 0.0, int(arr.size))
+    mean, hw = mean_ci(arr)
+    return Estimate(mean, hw, int(arr.size))
+
+
+def paired_estimate(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> Estimate:
+    """Mean of ``a − b`` over paired tasks, with its 95% CI (tasks where either is non-finite dropped)."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 2:
+        return Estimate(math.nan, math.nan, int(keep.sum()))
+    d = x[keep] - y[keep]
+    if np.all(d == d[0]):
+        return Estimate(float(d[0]), 0.0, int(keep.sum()))
+    mean, hw = paired_difference_ci(x[keep], y[keep])
+    return Estimate(mean, hw, int(keep.sum()))
+
+
+def _unpaired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
+    """Mean of ``a`` − mean of ``b`` (independent tasks, Welch interval), non-finite values dropped."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    x, y = x[np.isfinite(x)], y[np.isfinite(y)]
+    if min(x.size, y.size) < 2:
+        return Estimate(math.nan, math.nan, int(min(x.size, y.size)))
+    mean, hw = unpaired_difference_ci(x, y)
+    return Estimate(mean, hw, int(min(x.size, y.size)))
+
+
+# ---------------------------------------------------------------------- episodes
+def episodes(family: TaskFamily, num_tasks: int, shots: int, queries: int,
+             generator: torch.Generator) -> TaskBatch:
+    """``num_tasks`` tasks from ``family`` as one batch, drawn from ``generator`` in chunks of 200."""
+    check_positive("tasks", num_tasks, integer=True)
+    parts, done = [], 0
+    while done < num_tasks:
+        n = min(200, num_tasks - done)
+        parts.append(family.sample(n, shots, queries, generator))
+        done += n
+    if len(parts) == 1:
+        return parts[0]
+    return TaskBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                       ("support_x", "support_y", "query_x", "query_y")))
+
+
+@dataclass
+class Scores:
+    """Per-task scores ``[T, S+1]`` after 0..S inner steps: query/support loss, query accuracy."""
+
+    steps: list[int]
+    query_loss: torch.Tensor
+    support_loss: torch.Tensor
+    query_accuracy: torch.Tensor | None = None
+
+
+def adaptation_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
+    """Adapt ``learner`` to every task of ``batch`` for 1..``steps`` steps; score after each.
+
+    Step 0 is the un-adapted network θ; step s is θ after s SGD steps on the support set.
+    """
+    check_positive("steps", steps, integer=True, allow_zero=True)
+    maml = learner.maml()
+    dtype = next(learner.model.parameters()).dtype
+    batch = batch.to(dtype=dtype)
+    per_task = per_task_loss(loss_for(learner.config))
+    classify = is_classification(learner.config)
+    q_loss, s_loss, q_acc = [], [], []
+    params = None
+    for s in range(steps + 1):
+        params = maml.adapt(batch.support_x, batch.support_y, steps=0 if s == 0 else 1,
+                            start=params)
+        with torch.no_grad():
+            pq = maml.predict(params, batch.query_x)
+            ps = maml.predict(params, batch.support_x)
+            q_loss.append(per_task(pq, batch.query_y).double())
+            s_loss.append(per_task(ps, batch.support_y).double())
+            if classify:
+                q_acc.append(accuracy(learner.config, pq, batch.query_y).double())
+    return Scores(list(range(steps + 1)), torch.stack(q_loss, 1), torch.stack(s_loss, 1),
+                  torch.stack(q_acc, 1) if classify else None)
+
+
+def _final_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
+    """Scores after exactly ``steps`` steps only (column 0 of the returned tensors)."""
+    maml = learner.maml()
+    batch = batch.to(dtype=next(learner.model.parameters()).dtype)
+    params = maml.adapt(batch.support_x, batch.support_y, steps=steps)
+    per_task = per_task_loss(loss_for(learner.config))
+    with torch.no_grad():
+        pq = maml.predict(params, batch.query_x)
+        ps = maml.predict(params, batch.support_x)
+        acc = (accuracy(learner.config, pq, batch.query_y).double().unsqueeze(1)
+               if is_classification(learner.config) else None)
+        return Scores([steps], per_task(pq, batch.query_y).double().unsqueeze(1),
+                      per_task(ps, batch.support_y).double().unsqueeze(1), acc)
+
+
+def _names(learners: Sequence[Learner]) -> list[str]:
+    if not learners:
+        raise MamlabError("no learners given; pass at least one")
+    names = [lr.name for lr in learners]
+    if len(set(names)) != len(names):
+        raise MamlabError(f"learner names must be unique, got {names!r}")
+    return names
+
+
+# ---------------------------------------------------------------------- 1. adaptation curves
+def adaptation_curves(learners: Sequence[Learner], batch: TaskBatch, steps: int,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Query/support loss (and accuracy) after 0..``steps`` inner steps, for each learner.
+
+    Args:
+        learners: the learners; the first is the reference of the paired differences.
+        batch: the held-out tasks, the same for every learner.
+        steps: the largest number of inner steps S.
+        progress: called with each learner's name as it starts.
+
+    Returns:
+        ``steps``; per learner ``query_loss``/``support_loss``/``query_accuracy`` (one Estimate
+        per step); ``paired_query_loss[name]``: learner − reference per step; ``extrapolation``
+        per learner: ``trained_steps`` k, ``gain_after_trained`` (loss at k − loss at S, > 0:
+        it kept improving), ``best_step``, ``rebound`` (loss at S − loss at the best step),
+        ``query_minus_support`` at S (the support-set overfitting gap).
+    """
+    names = _names(learners)
+    scores: dict[str, Scores] = {}
+    for lr in learners:
+        if progress is not None:
+            progress(lr.name)
+        scores[lr.name] = adaptation_scores(lr, batch, steps)
+    ref = scores[names[0]]
+    out: dict[str, Any] = {"steps": list(range(steps + 1)), "reference": names[0], "tasks": batch.num_tasks,
+                           "learners": {}, "paired_query_loss": {}, "paired_query_accuracy": {},
+                           "extrapolation": {}}
+    for lr in learners:
+        sc = scores[lr.name]
+        entry = {"kind": lr.kind, "inner_lr": lr.inner_lr,
+                 "query_loss": [estimate_finite(sc.query_loss[:, s]) for s in range(steps + 1)],
+                 "support_loss": [estimate_finite(sc.support_loss[:, s]) for s in range(steps + 1)]}
+        if sc.query_accuracy is not None:
+            entry["query_accuracy"] = [estimate_finite(sc.query_accuracy[:, s]) for s in range(steps + 1)]
+        out["learners"][lr.name] = entry
+        if lr.name != names[0]:
+            out["paired_query_loss"][lr.name] = [paired_estimate(sc.query_loss[:, s], ref.query_loss[:, s])
+                                                 for s in range(steps + 1)]
+            if sc.query_accuracy is not None and ref.query_accuracy is not None:
+                out["paired_query_accuracy"][lr.name] = [
+                    paired_estimate(sc.query_accuracy[:, s], ref.query_accuracy[:, s])
+                    for s in range(steps + 1)]
+        k = min(int(lr.config.inner_steps), steps)
+        means = [e.mean for e in entry["query_loss"]]
+        best = int(np.nanargmin(means)) if np.isfinite(means).any() else 0
+        out["extrapolation"][lr.name] = {
+            "trained_steps": int(lr.config.inner_steps) if lr.kind in ("maml", "fomaml", "anil") else None,
+            "gain_after_trained": paired_estimate(sc.query_loss[:, k], sc.query_loss[:, steps]),
+            "best_step": best,
+            "rebound": paired_estimate(sc.query_loss[:, steps], sc.query_loss[:, best]),
+            "query_minus_support": paired_estimate(sc.query_loss[:, steps], sc.support_loss[:, steps]),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------- 2. shots
+def shot_sweep(learners: Sequence[Learner], batches: Mapping[int, TaskBatch], steps: int,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Query loss (and accuracy) after ``steps`` inner steps against the number of shots K.
+
+    Args:
+        learners: the learners; the first is the reference of the paired differences.
+        batches: K → held-out tasks with K support examples (per class), the same for every learner.
+        steps: the fixed number of inner steps.
+        progress: called with each learner's name as it starts.
+    """
+    names = _names(learners)
+    shots = sorted(batches)
+    finals: dict[str, dict[int, Scores]] = {}
+    for lr in learners:
+        if progress is not None:
+            progress(lr.name)
+        finals[lr.name] = {k: _final_scores(lr, batches[k], steps) for k in shots}
+    out: dict[str, Any] = {"shots": shots, "steps": steps, "reference": names[0], "learners": {},
+                           "paired_query_loss": {}}
+    for name in names:
+        entry = {"query_loss": [estimate_finite(finals[name][k].query_loss[:, 0]) for k in shots]}
+        if finals[name][shots[0]].query_accuracy is not None:
+            entry["query_accuracy"] = [estimate_finite(finals[name][k].query_accuracy[:, 0])  # type: ignore[index]
+                                       for k in shots]
+        out["learners"][name] = entry
+        if name != names[0]:
+            out["paired_query_loss"][name] = [
+                paired_estimate(finals[name][k].query_loss[:, 0], finals[names[0]][k].query_loss[:, 0])
+                for k in shots]
+    return out
+
+
+# ---------------------------------------------------------------------- 3. generalization
+def generalization_gap(learners: Sequence[Learner], heldout: TaskBatch, train: TaskBatch, steps: int,
+                       same_distribution: bool = False) -> dict[str, Any]:
+    """Scores on training-distribution vs held-out tasks, and support vs query loss, after ``steps``.
+
+    Args:
+        learners: the learners.
+        heldout: held-out tasks (the evaluation stream).
+        train: tasks from the meta-training distribution (a stream other than training's).
+        steps: inner steps before scoring.
+        same_distribution: the two distributions coincide (sinusoids), recorded with the result.
+
+    Returns:
+        Per learner: ``train_query_loss``, ``heldout_query_loss``, ``heldout_minus_train`` (an
+        unpaired difference: different tasks), ``train_support_loss``, ``heldout_support_loss``,
+        ``query_minus_support`` (paired over the held-out tasks) and accuracies when classifying.
+    """
+    _names(learners)
+    out: dict[str, Any] = {"steps": steps, "same_distribution": bool(same_distribution),
+                           "heldout_tasks": heldout.num_tasks, "train_tasks": train.num_tasks, "learners": {}}
+    for lr in learners:
+        h, t = _final_scores(lr, heldout, steps), _final_scores(lr, train, steps)
+        entry = {
+            "train_query_loss": estimate_finite(t.query_loss[:, 0]),
+            "heldout_query_loss": estimate_finite(h.query_loss[:, 0]),
+            "heldout_minus_train": _unpaired(h.query_loss[:, 0], t.query_loss[:, 0]),
+            "train_support_loss": estimate_finite(t.support_loss[:, 0]),
+            "heldout_support_loss": estimate_finite(h.support_loss[:, 0]),
+            "query_minus_support": paired_estimate(h.query_loss[:, 0], h.support_loss[:, 0]),
+        }
+        if h.query_accuracy is not None and t.query_accuracy is not None:
+            entry["train_query_accuracy"] = estimate_finite(t.query_accuracy[:, 0])
+            entry["heldout_query_accuracy"] = estimate_finite(h.query_accuracy[:, 0])
+        out["learners"][lr.name] = entry
+    return out
+
+
+def meta_overfitting_curve(snapshots: Sequence[tuple[int, nn.Module]], config: TrainConfig,
+                           heldout: TaskBatch, train: TaskBatch, steps: int,
+                           kind: str = "maml") -> dict[str, Any]:
+    """Query loss after ``steps`` inner steps, on held-out and training-distribution tasks, per checkpoint.
+
+    Args:
+        snapshots: ``(iteration, network)`` pairs, e.g. from a run's checkpoints, in any order.
+        config: the run's configuration.
+        heldout: held-out tasks (the same for every checkpoint).
+        train: training-distribution tasks (the same for every checkpoint).
+        steps: inner steps before scoring.
+        kind: the learner kind (recorded).
+
+    Returns:
+        ``iterations`` ascending, ``heldout_query_loss`` and ``train_query_loss`` (one Estimate
+        each), ``best_iteration`` (lowest mean held-out loss) and ``final_minus_best`` (paired
+        over the held-out tasks: > 0 means the last checkpoint is worse than the best, i.e.
+        meta-overfitting).
+    """
+    if not snapshots:
+        raise MamlabError("no checkpoints given; the run needs at least one")
+    snaps = sorted(snapshots, key=lambda s: s[0])
+    held, trn = [], []
+    for it, model in snaps:
+        lr = Learner(f"iter {it}", model, config, kind)
+        held.append(_final_scores(lr, heldout, steps).query_loss[:, 0])
+        trn.append(_final_scores(lr, train, steps).query_loss[:, 0])
+    means = [float(h.mean()) for h in held]
+    best = int(np.nanargmin(means)) if np.isfinite(means).any() else len(snaps) - 1
+    return {"iterations": [it for it, _ in snaps], "steps": steps,
+            "heldout_query_loss": [estimate_finite(h) for h in held],
+            "train_query_loss": [estimate_finite(t) for t in trn],
+            "best_iteration": snaps[best][0],
+            "final_minus_best": paired_estimate(held[-1], held[best])}
+
+
+# ---------------------------------------------------------------------- 4. distribution shift
+def _bands(lo: float, hi: float, widths: Sequence[float]) -> list[tuple[float, float]]:
+    edges = [hi]
+    for w in widths:
+        edges.append(edges[-1] + w)
+    return [(lo, hi)] + list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def sinusoid_shift_conditions(config: TrainConfig, num_tasks: int, shots: int, queries: int,
+                              seed: int) -> dict[str, list[tuple[str, TaskBatch]]]:
+    """Sinusoid tasks in bands beyond the training ranges: amplitude, phase, and input x.
+
+    Each axis starts with the training range itself, then three bands above its upper end
+    (amplitude +1, +2, +2 beyond A_max, e.g. [5, 6], [6, 8], [8, 10]; phase +π/4, +π/4, +π/2
+    beyond φ_max; x +1, +2, +2 beyond x_max, support and query both drawn there), the other
+    ranges kept at training's. Each band's tasks are seeded from the evaluation stream of ``seed``.
+
+    Returns:
+        Axis (``"amplitude"``, ``"phase"``, ``"x"``) → ``[(band label, tasks), ...]``.
+    """
+    if config.task != "sinusoid":
+        raise MamlabError(f"sinusoid shift conditions need a sinusoid run, got task {config.task!r}")
+    amp, ph, xr = tuple(config.amplitude), tuple(config.phase), tuple(config.x_range)
+    axes = {
+        "amplitude": [(b, Sinusoid(b, ph, xr, config.noise)) for b in _bands(*amp, (1.0, 2.0, 2.0))],
+        "phase": [(b, Sinusoid(amp, b, xr, config.noise)) for b in _bands(*ph, (math.pi / 4, math.pi / 4,
+                                                                                  math.pi / 2))],
+        "x": [(b, Sinusoid(amp, ph, b, config.noise)) for b in _bands(*xr, (1.0, 2.0, 2.0))],
+    }
+    out: dict[str, list[tuple[str, TaskBatch]]] = {}
+    for a, (axis, families) in enumerate(axes.items()):
+        out[axis] = []
+        for b, (band, fam) in enumerate(families):
+            gen = eval_generator(seed * 1000 + 100 * (a + 1) + b)
+            label = ("train " if b == 0 else "") + f"[{band[0]:.3g}, {band[1]:.3g}]"
+            out[axis].append((label, episodes(fam, num_tasks, shots, queries, gen)))
+    return out
+
+
+def rotate_batch(batch: TaskBatch, quarter_turns: int) -> TaskBatch:
+    """Every image of ``batch`` (``[T, N, (C,) H, W]``) rotated by 90° × ``quarter_turns``."""
+    if batch.support_x.dim() < 4:
+        raise MamlabError("rotation needs image inputs [T, N, (C,) H, W], got "
+                          f"{tuple(batch.support_x.shape)}")
+    return TaskBatch(torch.rot90(batch.support_x, quarter_turns, dims=(-2, -1)), batch.support_y,
+                     torch.rot90(batch.query_x, quarter_turns, dims=(-2, -1)), batch.query_y)
+
+
+def rotation_conditions(batch: TaskBatch) -> dict[str, list[tuple[str, TaskBatch]]]:
+    """Image tasks rotated by 0, 90, 180 and 270 degrees (support and query alike): one axis."""
+    return {"rotation": [(f"{90 * r}°", rotate_batch(batch, r) if r else batch) for r in range(4)]}
+
+
+def distribution_shift(learners: Sequence[Learner], conditions: Mapping[str, Sequence[tuple[str, TaskBatch]]],
+                       steps: int) -> dict[str, Any]:
+    """Query loss (and accuracy) after ``steps`` inner steps on each shifted condition.
+
+    Args:
+        learners: the learners; the first is the reference of the paired differences.
+        conditions: axis → ``[(label, tasks), ...]``, the first of each axis in-distribution.
+        steps: inner steps before scoring.
+
+    Returns:
+        Per axis: ``labels``, per learner ``query_loss`` (and ``query_accuracy``), one Estimate
+        per condition; ``degradation[name]``: loss on each condition − loss in-distribution
+        (unpaired: different tasks); ``paired_query_loss[name]``: learner − reference.
+    """
+    names = _names(learners)
+    out: dict[str, Any] = {"steps": steps, "reference": names[0], "axes": {}}
+    for axis, conds in conditions.items():
+        labels = [c[0] for c in conds]
+        finals = {lr.name: [_final_scores(lr, b, steps) for _, b in conds] for lr in learners}
+        ax: dict[str, Any] = {"labels": labels, "learners": {}, "degradation": {}, "paired_query_loss": {}}
+        for name in names:
+            sc = finals[name]
+            entry = {"query_loss": [estimate_finite(s.query_loss[:, 0]) for s in sc]}
+            if sc[0].query_accuracy is not None:
+                entry["query_accuracy"] = [estimate_finite(s.query_accuracy[:, 0]) for s in sc]  # type: ignore[index]
+            ax["learners"][name] = entry
+            ax["degradation"][name] = [_unpaired(s.query_loss[:, 0], sc[0].query_loss[:, 0]) for s in sc]
+            if name != names[0]:
+                ax["paired_query_loss"][name] = [paired_estimate(s.query_loss[:, 0], r.query_loss[:, 0])
+                                                 for s, r in zip(sc, finals[names[0]], strict=True)]
+        out["axes"][axis] = ax
+    return out
+
+
+# ---------------------------------------------------------------------- 5. representations
+def representation_change(learners: Sequence[Learner], batch: TaskBatch, steps: int,
+                          cca: bool = True) -> dict[str, Any]:
+    """Per layer: similarity of representations before vs after adaptation, and parameter change.
+
+    For each task i, every layer's output on the task's query inputs under θ and under θ'_i
+    (after ``steps`` inner steps) is compared by linear CKA (and SVCCA: mean canonical
+    correlation over the directions keeping 99% of the variance, ridge-regularized for few
+    inputs); each layer's parameters by the relative change ‖θ'_i − θ‖ / ‖θ‖. Means with 95% CIs
+    over tasks; a layer whose output is constant on a task (e.g. an all-dead ReLU) is skipped for
+    that task (``n`` counts the tasks used).
+
+    Returns:
+        Per learner: ``layers`` (labels), ``cka`` and ``cca`` (one Estimate per layer),
+        ``param_layers`` (labels) and ``param_change`` (one Estimate per parametrized layer).
+    """
+    _names(learners)
+    out: dict[str, Any] = {"steps": steps, "tasks": batch.num_tasks, "learners": {}}
+    for lr in learners:
+        model = lr.model
+        maml = lr.maml()
+        b = batch.to(dtype=next(model.parameters()).dtype)
+        adapted = maml.adapt(b.support_x, b.support_y, steps=steps)
+        theta = {k: p.detach() for k, p in parameters_of(model).items()}
+        layers = list(representation_layers(model))
+        groups = parametrized_layers(model)
+        cka_v = np.full((b.num_tasks, len(layers)), np.nan)
+        cca_v = np.full((b.num_tasks, len(layers)), np.nan)
+        change = np.zeros((b.num_tasks, len(groups)))
+        for i in range(b.num_tasks):
+            task_params = {k: p[i] for k, p in adapted.items()}
+            before = capture_representations(model, None, b.query_x[i], layers)
+            after = capture_representations(model, task_params, b.query_x[i], layers)
+            for j, layer in enumerate(layers):
+                try:
+                    cka_v[i, j] = linear_cka(before[layer], after[layer])
+                    if cca:
+                        cca_v[i, j] = cca_similarity(before[layer], after[layer])
+                except MamlabError:  # constant representation on this task: undefined
+                    pass
+            rel = relative_parameter_change(theta, task_params, groups)
+            change[i] = [rel[g] for g in groups]
+        entry = {"kind": lr.kind, "layers": [layer_label(model, n) for n in layers],
+                 "cka": [estimate_finite(cka_v[:, j]) for j in range(len(layers))],
+                 "param_layers": [layer_label(model, g) for g in groups],
+                 "param_change": [estimate_finite(change[:, j]) for j in range(len(groups))],
+                 "adapted_params": list(adapted)}
+        if cca:
+            entry["cca"] = [estimate_finite(cca_v[:, j]) for j in range(len(layers))]
+        out["learners"][lr.name] = entry
+    return out
+
+
+# ---------------------------------------------------------------------- 6. landscape
+def _loss_on(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    """θ ↦ the loss of ``model`` under parameters θ on ``(x, y)``."""
+    return lambda p: loss_fn(forward(model, p, x), y)
+
+
+def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: int = 0,
+              iters: int = 30, tol: float = 1e-3) -> dict[str, Any]:
+    """Sharpness at θ and θ', and the gradient norm along the inner trajectory, over ``batch``'s tasks.
+
+    Sharpness is the largest Hessian eigenvalue (power iteration on Hessian-vector products,
+    at most ``iters`` products, relative tolerance ``tol``) of a task's loss with respect to the
+    adapted parameters (all, or the head for ANIL): of the support loss at θ, of the support
+    loss at θ'_i (after ``steps`` steps) and of the query loss at θ'_i.
+
+    Returns:
+        Per learner: ``sharpness_support_theta``, ``sharpness_support_adapted``,
+        ``sharpness_query_adapted`` (Estimates over tasks), ``sharpness_change`` (paired:
+        support sharpness at θ' − at θ), ``converged`` (fraction of power iterations that met
+        ``tol``), and ``grad_norm`` (one Estimate per step 0..``steps``).
+    """
+    _names(learners)
+    out: dict[str, Any] = {"steps": steps, "tasks": batch.num_tasks, "iters": iters, "tol": tol,
+                           "learners": {}}
+    for lr in learners:
+        model = lr.model
+        loss_fn = loss_for(lr.config)
+        maml = lr.maml()
+        b = batch.to(dtype=next(model.parameters()).dtype)
+        adapted = maml.adapt(b.support_x, b.support_y, steps=steps)
+        theta = parameters_of(model, list(adapted))
+        s_theta, s_adapt, q_adapt, conv = [], [], [], []
+        norms = []
+        for i in range(b.num_tasks):
+            sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
+
+            gen = torch.Generator().manual_seed(int(seed) * 7919 + i)
+            task_params = {k: p[i] for k, p in adapted.items()}
+            for target, fn, at in ((s_theta, _loss_on(model, loss_fn, sx, sy), theta),
+                                   (s_adapt, _loss_on(model, loss_fn, sx, sy), task_params),
+                                   (q_adapt, _loss_on(model, loss_fn, qx, qy), task_params)):
+                eig = top_hessian_eigenvalue(fn, at, iters=iters, tol=tol, generator=gen)
+                target.append(eig.eigenvalue)
+                conv.append(eig.converged)
+            norms.append(gradient_norms_along_inner_trajectory(model, loss_fn, theta, sx, sy, lr.inner_lr,
+                                                               steps))
+        g = np.asarray(norms, dtype=np.float64)
+        out["learners"][lr.name] = {
+            "kind": lr.kind,
+            "sharpness_support_theta": estimate_finite(s_theta),
+            "sharpness_support_adapted": estimate_finite(s_adapt),
+            "sharpness_query_adapted": estimate_finite(q_adapt),
+            "sharpness_change": paired_estimate(np.asarray(s_adapt), np.asarray(s_theta)),
+            "converged": float(np.mean(conv)),
+            "grad_norm": [estimate_finite(g[:, s]) for s in range(steps + 1)],
+        }
+    return out
