@@ -117,3 +117,76 @@ def test_real_process_exits_nonzero_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "mamlab: error: inner_lr must be a number > 0, got -1.0"
     assert not (tmp_path / "x").exists()
+
+
+def test_more_bad_input_python_api_and_files(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                             omniglot_unsafe_zip: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from mamlab import MAML, MamlabError, TaskBatch
+    from mamlab.models import MLP
+    from mamlab.tasks.omniglot import safe_extract
+
+    before = snapshot(run_dir)
+    x32, x64 = torch.zeros(2, 3, 1), torch.zeros(2, 3, 1, dtype=torch.float64)
+    cases = [
+        (lambda: MAML(MLP(1, 1), F.mse_loss, 0.1).meta_loss(TaskBatch(x64, x64, x64, x64)),
+         "support_x has dtype float64 but the model's parameters are float32"),
+        (lambda: MAML(MLP(1, 1), F.mse_loss, 0.1).adapt(x32, torch.zeros(2, 4, 1)),
+         "support_x (2, 3, 1) and support_y (2, 4, 1) must share"),
+        (lambda: TaskBatch(x32, x32, torch.zeros(2, 3, 2), x32), "example shape"),
+        (lambda: safe_extract(omniglot_unsafe_zip, tmp_path / "extract"), "../evil.png"),
+    ]
+    for call, message in cases:
+        with pytest.raises(MamlabError, match=None) as err:
+            call()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "extract" / "evil.png").exists() and not (tmp_path / "evil.png").exists()
+
+    # a file where the output's parent should be
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "sinusoid", "--out", str(blocker / "run"), *SMALL]) == 2
+    assert "is not writable" in capsys.readouterr().err
+    # a corrupted checkpoint: resume refuses with one line naming the file, nothing changes
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    for p in broken.glob("checkpoints/iter_*/weights.safetensors"):
+        p.write_bytes(p.read_bytes()[:100])
+    (broken / "model.safetensors").unlink()
+    snap = snapshot(broken)
+    assert main(["train", "--resume", str(broken), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "weights.safetensors" in err and err.count("\n") == 1
+    assert snapshot(broken) == snap
+    assert main(["eval", str(broken)]) == 2
+    assert "weights.safetensors" in capsys.readouterr().err
+    # a zip that is not an Omniglot archive
+    data = tmp_path / "data"
+    data.mkdir()
+    import zipfile
+
+    with zipfile.ZipFile(data / "images_background_small1.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with zipfile.ZipFile(data / "images_background_small2.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with zipfile.ZipFile(data / "all_runs.zip", "w") as z:
+        z.writestr("readme.txt", "hello")
+    assert main(["train", "omniglot", "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "images_background_small1.zip" in err and err.count("\n") == 1
+    assert snapshot(run_dir) == before
+
+
+@pytest.fixture
+def omniglot_unsafe_zip(tmp_path: Path) -> Path:
+    import zipfile
+
+    path = tmp_path / "unsafe.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images_background/Greek/character01/ok.png", b"x")
+        z.writestr("../evil.png", b"x")
+    return path

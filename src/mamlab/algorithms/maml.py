@@ -249,6 +249,7 @@ class MAML:
         check_positive("steps", steps, integer=True, allow_zero=True)
         check_positive("lr", lr)
         _check_xy("support", support_x, support_y)
+        _check_dtype("support_x", support_x, self.model)
         adapted, shared, buffers = self._split(detach=True)
         num_tasks = support_x.shape[0]
         if start is not None:
@@ -299,7 +300,7 @@ class MAML:
 
         Holds every task's graph until backward; ``meta_loss`` is the memory-lean way to train.
         """
-        _check_batch(batch)
+        _check_batch(batch, self.model)
         steps = self.inner_steps if steps is None else steps
         adapted, shared, buffers = self._split(detach=False)
         create_graph = not self.first_order
@@ -330,7 +331,7 @@ class MAML:
         loss is computed, so peak memory is that of one chunk's graph; ``.backward()`` then only
         deposits it. To differentiate the loss further, use ``query_losses(batch).mean()``.
         """
-        _check_batch(batch)
+        _check_batch(batch, self.model)
         theta = parameters_of(self.model)
         if not torch.is_grad_enabled():
             with torch.enable_grad():
@@ -408,8 +409,19 @@ def _check_xy(which: str, x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
-def _check_batch(batch: TaskBatch) -> None:
+def _check_batch(batch: TaskBatch, model: nn.Module | None = None) -> None:
     if not isinstance(batch, TaskBatch):
         raise MamlabError(f"expected a mamlab.TaskBatch, got {type(batch).__name__}")
+    if model is not None:
+        _check_dtype("support_x", batch.support_x, model)
+        _check_dtype("query_x", batch.query_x, model)
+
+
+def _check_dtype(name: str, x: torch.Tensor, model: nn.Module) -> None:
+    dtype = next(model.parameters()).dtype
+    if x.is_floating_point() and x.dtype != dtype:
+        got, want = str(x.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+        raise MamlabError(f"{name} has dtype {got} but the model's parameters are {want}; "
+                          "convert with batch.to(dtype=...)")
 
 
