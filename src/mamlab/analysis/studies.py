@@ -307,7 +307,7 @@ def adaptation_curves(learners: Sequence[Learner], batch: TaskBatch, steps: int,
         means = [e.mean for e in entry["query_loss"]]
         best = int(np.nanargmin(means)) if np.isfinite(means).any() else 0
         out["extrapolation"][lr.name] = {
-            "trained_steps": int(lr.config.inner_steps) if lr.kind in ("maml", "fomaml", "anil") else None,
+            "trained_steps": int(lr.config.inner_steps) if lr.kind in ("maml", "fomaml") else None,
             "gain_after_trained": paired_estimate(sc.query_loss[:, k], sc.query_loss[:, steps]),
             "best_step": best,
             "rebound": paired_estimate(sc.query_loss[:, steps], sc.query_loss[:, best]),
@@ -615,7 +615,7 @@ def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: i
             "sharpness_support_adapted": estimate_finite(s_adapt),
             "sharpness_query_adapted": estimate_finite(q_adapt),
             "sharpness_change": paired_estimate(np.asarray(s_adapt), np.asarray(s_theta)),
-            "converged": float(np.mean(conv)),
+            "converged": estimate_finite(np.asarray(conv, dtype=np.float64)),
             "grad_norm": [estimate_finite(g[:, s]) for s in range(steps + 1)],
         }
     return out

@@ -116,7 +116,10 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
         mean = _finite_array(f"series[{name!r}] means", pair[0], len(xs))
         hw = _finite_array(f"series[{name!r}] half-widths", pair[1], len(xs))
         ax.plot(xs, mean, color=cmap[name], marker="o", markersize=3.5, linewidth=1.8, label=name)
-        ax.fill_between(xs, mean - hw, mean + hw, color=cmap[name], alpha=0.2, linewidth=0)
+        low = mean - hw
+        if logy and np.any(mean > 0):  # a band reaching below 0 runs to the bottom of a log axis
+            low = np.maximum(low, mean[mean > 0].min() / 10)
+        ax.fill_between(xs, low, mean + hw, color=cmap[name], alpha=0.2, linewidth=0)
     if logx:
         ax.set_xscale("log")
     if logy:
@@ -171,7 +174,7 @@ def _pair(value: object) -> MeanCI:
 def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str, Sequence[float]], *,
                     ylabel: str, title: str, errors: Mapping[str, Sequence[float]] | None = None,
                     colors: Mapping[str, str] | None = None, ylim: tuple[float, float] | None = (0.0, 1.05),
-                    ) -> Path:
+                    xlabel: str = "layer", tick_rotation: float = 0.0) -> Path:
     """Grouped bars of a per-layer quantity (e.g. CKA before vs after adaptation) for each method.
 
     Args:
@@ -182,6 +185,8 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         errors: optional method name → per-layer CI half-widths (drawn as error bars).
         colors: method → colour (default: ``method_colors`` of the methods shown).
         ylim: y range (default ``(0, 1.05)``, for similarities); ``None`` lets matplotlib pick.
+        xlabel: the x axis label (default ``"layer"``; e.g. ``"learner"`` when groups are methods).
+        tick_rotation: degrees to rotate the group labels by (for long names).
 
     Returns:
         The PNG's path.
@@ -203,7 +208,11 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         ax.bar(pos + (i - (len(names) - 1) / 2) * width, vals, width=width * 0.95, yerr=err,
                capsize=3, color=cmap[name], label=name, error_kw={"elinewidth": 1.0, "ecolor": "#333333"})
     ax.set_xticks(pos, list(layers))
-    ax.set_xlabel("layer")
+    if tick_rotation:
+        ax.tick_params(axis="x", labelrotation=tick_rotation)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if ylim is not None:

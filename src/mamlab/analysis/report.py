@@ -1,0 +1,1081 @@
+"""``analyze_runs``: run the generalization studies on trained runs and write one HTML report.
+
+Every run given (MAML, first-order MAML, the pretrain baseline) is compared with two derived
+learners: a randomly initialized network of the first run's architecture (seeded), and
+head-only adaptation (ANIL) of every MAML network. All of them are scored on the very same
+seeded held-out episodes, so differences between them are paired over tasks. The output folder::
+
+    OUT/index.html      one self-contained page: generated summary, figures, tables
+    OUT/results.json    every number in the page (mean, 95% CI half-width, n), and the timings
+    OUT/*.png           the figures
+
+The report is built in a temporary folder next to ``OUT`` and renamed into place, so a failed
+analysis leaves an earlier report untouched.
+
+Example:
+    >>> analyze_runs(["runs/maml", "runs/pretrain"], "runs/report", tasks=200, progress=True)
+    PosixPath('runs/report/index.html')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mamlab.analysis import studies as st
+from mamlab.analysis.stats import Estimate
+from mamlab.checkpoint import list_checkpoints
+from mamlab.config import TrainConfig
+from mamlab.errors import MamlabError, check_positive
+from mamlab.evaluate import eval_generator
+from mamlab.experiment import build_family, is_classification
+from mamlab.report.html import Figure, Section, Table, write_report
+from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
+from mamlab.tasks.base import TaskBatch
+from mamlab.train import Run, load_run
+
+__all__ = ["analyze_runs", "STUDIES", "TRAIN_CHECK_SEED_OFFSET", "MAX_CHECKPOINTS", "FIXED_STEPS"]
+
+STUDIES = st.STUDIES
+#: Training-distribution check tasks are drawn with seed ``TRAIN_CHECK_SEED_OFFSET + seed``: a stream
+#: distinct from training (``seed``), validation and evaluation.
+TRAIN_CHECK_SEED_OFFSET = 4_000_037
+#: The meta-overfitting curve uses at most this many of a run's checkpoints, evenly spaced.
+MAX_CHECKPOINTS = 11
+#: Studies at a fixed number of inner steps use ``min(steps, FIXED_STEPS)``.
+FIXED_STEPS = 10
+#: Tasks in the landscape study (power iteration per task is the costliest probe).
+LANDSCAPE_TASKS = 20
+#: Query points per task for representation similarity on regression tasks (CKA/CCA need many).
+REPRESENTATION_QUERIES = 100
+_FAMILY_KEYS = {
+    "sinusoid": ("amplitude", "phase", "x_range", "noise"),
+    "linear-regression": ("dim", "weight_mean", "weight_std", "noise"),
+    "linear-classification": ("dim", "weight_mean", "weight_std"),
+    "omniglot": ("data", "split", "ways"),
+}
+_KIND_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrain": "pretrain"}
+_TITLES = {
+    "adaptation": "Adaptation curves",
+    "shots": "Shot sweep",
+    "generalization": "Generalization gap",
+    "shift": "Distribution shift",
+    "representations": "Rapid learning or feature reuse",
+    "landscape": "Loss landscape",
+}
+
+
+# ---------------------------------------------------------------------- inputs
+def _family_signature(config: TrainConfig) -> str:
+    keys = _FAMILY_KEYS.get(config.task, ())
+    return f"{config.task}(" + ", ".join(f"{k}={getattr(config, k)!r}" for k in keys) + ")"
+
+
+def _check_studies(studies: Sequence[str] | str | None) -> list[str]:
+    if studies is None:
+        return list(STUDIES)
+    if isinstance(studies, str):
+        studies = [s for s in studies.split(",") if s.strip()]
+    chosen = [s.strip() for s in studies]
+    bad = [s for s in chosen if s not in STUDIES]
+    if bad or not chosen:
+        raise MamlabError(f"unknown study {bad[0] if bad else ''!r}; allowed: {', '.join(STUDIES)}")
+    return [s for s in STUDIES if s in chosen]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MamlabError(f"output {str(out)!r} exists and is not a directory; choose another out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a report" if (out / "index.html").exists() or (out / "results.json").exists() else "files"
+        raise MamlabError(
+            f"output directory {str(out)!r} already holds {what}; pass force=True (--force) "
+            "to replace it, or choose another out"
+        )
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise MamlabError(f"output directory {str(out)!r} is not writable")
+
+
+def _load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    runs = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise MamlabError(f"run directory {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise MamlabError(
+                f"run {str(path)!r} is not a directory; pass a run directory (mamlab train --out)"
+            )
+        runs.append(load_run(path))
+    first = _family_signature(runs[0].config)
+    for r in runs[1:]:
+        sig = _family_signature(r.config)
+        if sig != first:
+            raise MamlabError(
+                f"runs mix task families: {str(runs[0].path)!r} is {first} but {str(r.path)!r} is "
+                f"{sig}; analyze runs of one task family together"
+            )
+    return runs
+
+
+def _learners(runs: Sequence[Run], seed: int) -> list[st.Learner]:
+    base = [_KIND_NAMES[st.run_kind(r.config)] for r in runs]
+    names = [b if base.count(b) == 1 else f"{b} ({r.path.name})" for b, r in zip(base, runs, strict=True)]
+    if len(set(names)) != len(names):
+        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
+    learners = [
+        st.Learner(n, r.model, r.config, st.run_kind(r.config)) for n, r in zip(names, runs, strict=True)
+    ]
+    anil = [st.anil_learner(lr) for lr in learners if lr.kind in ("maml", "fomaml")]
+    cfg = runs[0].config
+    return learners + anil + [st.Learner("random init", st.random_init_model(cfg, seed), cfg, "random")]
+
+
+def _subset(batch: TaskBatch, n: int) -> TaskBatch:
+    s = slice(0, min(n, batch.num_tasks))
+    return TaskBatch(batch.support_x[s], batch.support_y[s], batch.query_x[s], batch.query_y[s])
+
+
+def _shot_batches(family: Any, config: TrainConfig, tasks: int, seed: int) -> dict[int, TaskBatch]:
+    candidates = (1, 2, 5, 10, 20) if not is_classification(config) else (1, 2, 3, 5, 10, 15, 19)
+    out = {}
+    for k in candidates:
+        try:
+            out[k] = st.episodes(family, tasks, k, config.queries, eval_generator(seed))
+        except MamlabError:  # more shots than the data holds per class
+            continue
+    if not out:
+        raise MamlabError(f"no shot count in {candidates} fits the task family with {config.queries} queries")
+    return out
+
+
+# ---------------------------------------------------------------------- report pieces
+def _mc(values: Sequence[Estimate]) -> tuple[list[float], list[float]] | None:
+    """(means, half-widths) for a plot; None if a mean is not finite (e.g. every task diverged)."""
+    means = [e.mean for e in values]
+    if not all(math.isfinite(m) for m in means):
+        return None
+    return means, [e.ci if math.isfinite(e.ci) else 0.0 for e in values]
+
+
+def _series(named: dict[str, Sequence[Estimate]]) -> dict[str, tuple[list[float], list[float]]]:
+    return {k: v for k, v in ((k, _mc(v)) for k, v in named.items()) if v is not None}
+
+
+def _spread(series: dict[str, tuple[list[float], list[float]]]) -> bool:
+    vals = [m for means, _ in series.values() for m in means]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 100
+
+
+def _fmt(e: Estimate, digits: int = 3) -> str:
+    if not math.isfinite(e.mean):
+        return "n/a"
+    if abs(e.mean) >= 1e4 or (0 < abs(e.mean) < 1e-3):
+        return f"{e.mean:.3g} ± {e.ci:.2g}"
+    return e.format(digits)
+
+
+def _signed(e: Estimate, digits: int = 3) -> str:
+    return ("+" if e.mean >= 0 else "") + _fmt(e, digits)
+
+
+def _significant(e: Estimate) -> int:
+    """+1 / −1 if the 95% CI excludes 0 on that side, else 0."""
+    if not (math.isfinite(e.mean) and math.isfinite(e.ci)):
+        return 0
+    return 1 if e.low > 0 else (-1 if e.high < 0 else 0)
+
+
+class _Ctx:
+    """What every study section needs: the folder, colours, units, protocol."""
+
+    def __init__(self, tmp: Path, learners: list[st.Learner], config: TrainConfig, tasks: int, fixed: int):
+        self.tmp, self.config, self.tasks, self.fixed = tmp, config, tasks, fixed
+        self.names = [lr.name for lr in learners]
+        self.colors = method_colors(self.names)
+        self.ref = self.names[0]
+        self.classify = is_classification(config)
+        self.unit = "cross-entropy" if self.classify else "MSE"
+        self.task = config.task
+
+    def line(
+        self,
+        name: str,
+        x: Sequence[float],
+        series: dict[str, Sequence[Estimate]],
+        *,
+        xlabel: str,
+        ylabel: str,
+        title: str,
+        caption: str,
+        xunit: str | None = None,
+        yunit: str | None = None,
+        own_colors: bool = False,
+        logx: bool = False,
+    ) -> Figure | None:
+        data = _series(series)
+        if not data:
+            return None
+        dropped = [k for k in series if k not in data]
+        colors = None if own_colors else {k: self.colors[k] for k in data}
+        logy = _spread(data)
+        path = line_plot_ci(
+            self.tmp / f"{name}.png",
+            x,
+            data,
+            xlabel=xlabel,
+            ylabel=ylabel,
+            title=title,
+            xunit=xunit,
+            yunit=yunit,
+            colors=colors,
+            logx=logx,
+            logy=logy,
+        )
+        if logy:
+            caption += " Logarithmic y axis."
+        if dropped:
+            caption += f" Not drawn (non-finite values): {', '.join(dropped)}."
+        return Figure(path, caption)
+
+    def bars(
+        self,
+        name: str,
+        groups: Sequence[str],
+        values: dict[str, Sequence[Estimate]],
+        *,
+        ylabel: str,
+        title: str,
+        caption: str,
+        ylim: tuple[float, float] | None = None,
+        xlabel: str = "layer",
+    ) -> Figure | None:
+        data = _series(values)
+        if not data:
+            return None
+        path = layer_bar_chart(
+            self.tmp / f"{name}.png",
+            list(groups),
+            {k: v[0] for k, v in data.items()},
+            errors={k: v[1] for k, v in data.items()},
+            ylabel=ylabel,
+            title=title,
+            colors={k: self.colors.get(k, "#555555") for k in data}
+            if all(k in self.colors for k in data)
+            else None,
+            ylim=ylim,
+            xlabel=xlabel,
+            tick_rotation=20.0 if max(len(g) for g in groups) > 8 else 0.0,
+        )
+        return Figure(path, caption)
+
+
+def _figs(*figs: Figure | None) -> list[Figure]:
+    return [f for f in figs if f is not None]
+
+
+# ---------------------------------------------------------------------- sections
+def _adaptation_section(
+    c: _Ctx, r: dict[str, Any], learners: list[st.Learner], summary: list[str]
+) -> Section:
+    steps, ref, u = r["steps"], r["reference"], c.unit
+    smax, f = steps[-1], c.fixed
+    L = r["learners"]
+    figs = _figs(
+        c.line(
+            "adaptation_query_loss",
+            steps,
+            {n: e["query_loss"] for n, e in L.items()},
+            xlabel="inner SGD steps",
+            ylabel="query loss",
+            yunit=u,
+            title=f"Query loss on {r['tasks']} held-out tasks",
+            caption="Mean query loss after each number of inner steps; shaded: 95% CI over tasks.",
+        ),
+        c.line(
+            "adaptation_support_loss",
+            steps,
+            {n: e["support_loss"] for n, e in L.items()},
+            xlabel="inner SGD steps",
+            ylabel="support loss",
+            yunit=u,
+            title="Support loss (the data adapted on)",
+            caption="Loss on the support set itself: a falling support loss with a rising query loss would "
+            "be overfitting the support set.",
+        ),
+        c.line(
+            "adaptation_query_accuracy",
+            steps,
+            {n: e["query_accuracy"] for n, e in L.items() if "query_accuracy" in e},
+            xlabel="inner SGD steps",
+            ylabel="query accuracy",
+            title="Query accuracy",
+            caption="Mean query accuracy; shaded: 95% CI.",
+        )
+        if c.classify
+        else None,
+        c.line(
+            "adaptation_paired_difference",
+            steps,
+            r["paired_query_loss"],
+            xlabel="inner SGD steps",
+            ylabel=f"query loss − {ref}",
+            yunit=u,
+            title=f"Paired difference to {ref}",
+            caption=f"Per-task query loss minus {ref}'s on the same task; above 0: worse than {ref}.",
+        ),
+    )
+    shown = sorted({0, 1, min(f, smax), smax} | {min(lr.config.inner_steps, smax) for lr in learners})
+    rows = [[n, *(L[n]["query_loss"][s] for s in shown)] for n in L]
+    prow = [[n, *(r["paired_query_loss"][n][s] for s in shown)] for n in r["paired_query_loss"]]
+    xrow = []
+    for n, x in r["extrapolation"].items():
+        xrow.append(
+            [
+                n,
+                x["trained_steps"] if x["trained_steps"] is not None else "n/a",
+                x["gain_after_trained"],
+                x["best_step"],
+                x["rebound"],
+                L[n]["support_loss"][smax],
+                x["query_minus_support"],
+            ]
+        )
+    tables = [
+        Table(
+            f"Query loss ({u}) after k inner steps",
+            ["learner", *(f"k={s}" for s in shown)],
+            rows,
+            note=f"Mean ± 95% CI half-width over {r['tasks']} held-out tasks, the same for every learner.",
+        ),
+        Table(
+            f"Paired difference learner − {ref} in query loss ({u})",
+            ["learner", *(f"k={s}" for s in shown)],
+            prow,
+            note="Per-task differences on identical episodes, mean ± 95% CI.",
+        ),
+    ]
+    if c.classify:
+        tables.append(
+            Table(
+                "Query accuracy after k inner steps",
+                ["learner", *(f"k={s}" for s in shown)],
+                [[n, *(L[n]["query_accuracy"][s] for s in shown)] for n in L],
+            )
+        )
+    tables.append(
+        Table(
+            f"More steps than trained with (S = {smax})",
+            [
+                "learner",
+                "trained steps k",
+                "loss(k) − loss(S)",
+                "best step",
+                "loss(S) − best",
+                f"support loss at S ({u})",
+                "query − support at S",
+            ],
+            xrow,
+            note="loss(k) − loss(S) > 0: it kept improving beyond its training steps; "
+            "loss(S) − best > 0: the query loss rose again (overfitting the support set).",
+        )
+    )
+    # summary
+    fs = min(f, smax)
+    head = L[ref]["query_loss"][fs]
+    others = [n for n in L if n != ref]
+    runs = [n for n in others if r["learners"][n]["kind"] in ("maml", "fomaml", "pretrain")]
+    for n in runs or others[:1]:
+        summary.append(
+            f"After {fs} steps on {r['tasks']} held-out {c.task} tasks, {ref}'s query {u} is "
+            f"{_fmt(head)} vs {_fmt(L[n]['query_loss'][fs])} for {n} (paired difference "
+            f"{n} − {ref}: {_signed(r['paired_query_loss'][n][fs])})."
+        )
+    base = [n for n in others if n not in runs]
+    if base:
+        summary.append(
+            f"Baselines after {fs} steps (query {u}, paired difference to {ref}): "
+            + "; ".join(
+                f"{n} {_fmt(L[n]['query_loss'][fs])} ({_signed(r['paired_query_loss'][n][fs])})" for n in base
+            )
+            + "."
+        )
+    for lr in learners:
+        if lr.kind not in ("maml", "fomaml"):
+            continue
+        x, k = r["extrapolation"][lr.name], min(lr.config.inner_steps, smax)
+        if k >= smax:
+            continue
+        gain = x["gain_after_trained"]
+        verdict = {1: "it keeps improving", 0: "no significant change", -1: "it gets worse"}[
+            _significant(gain)
+        ]
+        rb = x["rebound"]
+        if _significant(rb) > 0:
+            over = (
+                f"the query loss rises again after step {x['best_step']} ({_signed(rb)}): overfitting "
+                "the support set"
+            )
+        elif x["best_step"] == smax:
+            over = f"the query loss is still lowest at step {smax}: no sign of overfitting the support set"
+        else:
+            over = (
+                f"no sign of overfitting the support set (loss at step {smax} within {_fmt(rb)} of its "
+                f"best, at step {x['best_step']})"
+            )
+        summary.append(
+            f"{lr.name} was meta-trained with {lr.config.inner_steps} inner step(s); from step {k} to "
+            f"{smax} its query {u} goes from {_fmt(L[lr.name]['query_loss'][k])} to "
+            f"{_fmt(L[lr.name]['query_loss'][smax])} (paired change {_signed(_neg(gain))}): "
+            f"{verdict}; {over}. Support {u} at step {smax}: "
+            f"{_fmt(L[lr.name]['support_loss'][smax])} (query − support "
+            f"{_signed(x['query_minus_support'])})."
+        )
+    text = [
+        f"Every learner is adapted by plain SGD on each task's support set (its own inner learning rate) "
+        f"for 0 to {smax} steps and scored on the task's query set. Learners: the runs given; "
+        "'ANIL (…)': the same MAML network adapting only its last layer (Raghu et al. 2020); "
+        "'random init': a randomly initialized network of the same architecture (seeded), fine-tuned "
+        "the same way."
+    ]
+    return Section(_TITLES["adaptation"], text, figs, tables)
+
+
+def _neg(e: Estimate) -> Estimate:
+    return Estimate(-e.mean, e.ci, e.n, e.confidence)
+
+
+def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+    shots, u, ref, L = r["shots"], c.unit, r["reference"], r["learners"]
+    figs = _figs(
+        c.line(
+            "shots_query_loss",
+            shots,
+            {n: e["query_loss"] for n, e in L.items()},
+            xlabel="support examples K" + (" per class" if c.classify else ""),
+            ylabel="query loss",
+            yunit=u,
+            title=f"Query loss after {r['steps']} steps against K",
+            logx=True,
+            caption=f"Mean query loss after {r['steps']} inner steps against the number of shots; "
+            "shaded: 95% CI. Tasks are drawn from the same seeded stream for every K.",
+        ),
+        c.line(
+            "shots_query_accuracy",
+            shots,
+            {n: e["query_accuracy"] for n, e in L.items() if "query_accuracy" in e},
+            xlabel="support examples K per class",
+            ylabel="query accuracy",
+            title="Query accuracy against K",
+            logx=True,
+            caption="Mean query accuracy; shaded: 95% CI.",
+        )
+        if c.classify
+        else None,
+    )
+    tables = [
+        Table(
+            f"Query loss ({u}) after {r['steps']} steps",
+            ["learner", *(f"K={k}" for k in shots)],
+            [[n, *L[n]["query_loss"]] for n in L],
+        ),
+        Table(
+            f"Paired difference learner − {ref} ({u})",
+            ["learner", *(f"K={k}" for k in shots)],
+            [[n, *v] for n, v in r["paired_query_loss"].items()],
+        ),
+    ]
+    lo, hi = L[ref]["query_loss"][0], L[ref]["query_loss"][-1]
+    others = [n for n in L if n != ref and r.get("kinds", {}).get(n) in ("maml", "fomaml", "pretrain")]
+    summary.append(
+        f"Shots ({r['steps']} steps): {ref}'s query {u} is {_fmt(lo)} with K={shots[0]} and "
+        f"{_fmt(hi)} with K={shots[-1]}"
+        + "".join(f"; {n}: {_fmt(L[n]['query_loss'][0])} and {_fmt(L[n]['query_loss'][-1])}" for n in others)
+        + "."
+    )
+    return Section(
+        _TITLES["shots"],
+        [f"Query loss at a fixed {r['steps']} inner steps as the support set grows."],
+        figs,
+        tables,
+    )
+
+
+def _generalization_section(
+    c: _Ctx, r: dict[str, Any], curves: dict[str, Any], summary: list[str]
+) -> Section:
+    u, L, names = c.unit, r["learners"], list(r["learners"])
+    same = r["same_distribution"]
+    figs = _figs(
+        c.bars(
+            "generalization_gap",
+            names,
+            {
+                "training distribution": [L[n]["train_query_loss"] for n in names],
+                "held-out": [L[n]["heldout_query_loss"] for n in names],
+            },
+            ylabel=f"query loss after {r['steps']} steps ({u})",
+            title="Training-distribution vs held-out tasks",
+            ylim=None,
+            xlabel="learner",
+            caption="Query loss on tasks from the meta-training distribution vs held-out tasks; "
+            "error bars: 95% CI.",
+        )
+    )
+    for run, cv in curves.items():
+        fig = c.line(
+            f"meta_overfitting_{len(figs)}",
+            cv["iterations"],
+            {"held-out": cv["heldout_query_loss"], "training distribution": cv["train_query_loss"]},
+            xlabel="meta-training iteration",
+            ylabel=f"query loss after {cv['steps']} steps",
+            yunit=u,
+            title=f"Meta-overfitting: {run}",
+            own_colors=True,
+            caption=f"{run}: query loss after adaptation at each saved checkpoint "
+            f"({len(cv['iterations'])} checkpoints); shaded: 95% CI.",
+        )
+        if fig is not None:
+            figs.append(fig)
+    rows = [
+        [
+            n,
+            L[n]["train_query_loss"],
+            L[n]["heldout_query_loss"],
+            L[n]["heldout_minus_train"],
+            L[n]["heldout_support_loss"],
+            L[n]["query_minus_support"],
+        ]
+        for n in names
+    ]
+    tables = [
+        Table(
+            f"Generalization after {r['steps']} steps ({u})",
+            [
+                "learner",
+                "train-distribution query",
+                "held-out query",
+                "held-out − train",
+                "held-out support",
+                "query − support",
+            ],
+            rows,
+            note="held-out − train: Welch interval (different tasks); query − support: paired over "
+            "held-out tasks.",
+        )
+    ]
+    if c.classify:
+        tables.append(
+            Table(
+                "Accuracy after adaptation",
+                ["learner", "train-distribution", "held-out"],
+                [[n, L[n]["train_query_accuracy"], L[n]["heldout_query_accuracy"]] for n in names],
+            )
+        )
+    if curves:
+        tables.append(
+            Table(
+                f"Meta-overfitting across checkpoints (query {u})",
+                [
+                    "run",
+                    "checkpoints",
+                    "best iteration",
+                    "held-out at best",
+                    "held-out final",
+                    "final − best (paired)",
+                ],
+                [
+                    [
+                        run,
+                        len(cv["iterations"]),
+                        cv["best_iteration"],
+                        cv["heldout_query_loss"][cv["iterations"].index(cv["best_iteration"])],
+                        cv["heldout_query_loss"][-1],
+                        cv["final_minus_best"],
+                    ]
+                    for run, cv in curves.items()
+                ],
+            )
+        )
+    ref = names[0]
+    note = (
+        "for sinusoids both are the same distribution, the training family with another seed: the gap "
+        "should be 0"
+        if same
+        else "training characters vs unseen characters"
+        if c.task == "omniglot"
+        else "different distributions"
+    )
+    summary.append(
+        f"Training-distribution vs held-out tasks ({note}): {ref}'s query {u} after {r['steps']} steps "
+        f"is {_fmt(L[ref]['train_query_loss'])} vs {_fmt(L[ref]['heldout_query_loss'])} (difference "
+        f"{_signed(L[ref]['heldout_minus_train'])}); query − support on held-out tasks "
+        f"{_signed(L[ref]['query_minus_support'])}."
+    )
+    for run, cv in curves.items():
+        fb, best, last = cv["final_minus_best"], cv["best_iteration"], cv["iterations"][-1]
+        if best == last:
+            verdict = f"lowest at the final iteration {last}: no meta-overfitting"
+        else:
+            verdict = f"lowest at iteration {best}; final ({last}) − best {_signed(fb)}: " + (
+                "meta-overfitting, the final checkpoint is worse than the best"
+                if _significant(fb) > 0
+                else "no significant meta-overfitting"
+            )
+        summary.append(f"{run} across {len(cv['iterations'])} checkpoints: held-out query {u} is {verdict}.")
+    text = [
+        "Scores after adaptation on tasks from the meta-training distribution (drawn from a stream "
+        "distinct from training's) and on the held-out evaluation tasks. " + note[0].upper() + note[1:] + "."
+    ]
+    return Section(_TITLES["generalization"], text, figs, tables)
+
+
+def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+    u, ref = c.unit, r["reference"]
+    figs, tables, parts = [], [], []
+    for axis, ax in r["axes"].items():
+        labels = ax["labels"]
+        x = list(range(len(labels)))
+        fig = c.line(
+            f"shift_{axis}",
+            x,
+            {n: e["query_loss"] for n, e in ax["learners"].items()},
+            xlabel=f"{axis} band (0 = training range): "
+            + ", ".join(f"{i}={lab.replace('train ', '')}" for i, lab in enumerate(labels)),
+            ylabel=f"query loss after {r['steps']} steps",
+            yunit=u,
+            title=f"Shift in {axis}",
+            caption=f"Query loss as the {axis} of the test tasks moves beyond the training range; "
+            "shaded: 95% CI.",
+        )
+        if fig is not None:
+            figs.append(fig)
+        tables.append(
+            Table(
+                f"{axis}: query loss ({u}) after {r['steps']} steps",
+                ["learner", *labels],
+                [[n, *e["query_loss"]] for n, e in ax["learners"].items()],
+                note="n below the task count: the inner loop diverged (non-finite loss) on the rest.",
+            )
+        )
+        e0, e1 = ax["learners"][ref]["query_loss"][0], ax["learners"][ref]["query_loss"][-1]
+        div = f", diverged on {c.tasks - e1.n} of {c.tasks} tasks" if e1.n < c.tasks else ""
+        parts.append(f"{axis} {labels[-1]}: {_fmt(e1)} vs {_fmt(e0)} in range{div}")
+    if parts:
+        summary.append(
+            f"Distribution shift ({ref}, query {u} after {r['steps']} steps): " + "; ".join(parts) + "."
+        )
+    text = [
+        "Test tasks drawn beyond the training distribution; each band has its own seeded tasks, the same "
+        "for every learner."
+    ]
+    return Section(_TITLES["shift"], text, figs, tables)
+
+
+def _representation_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+    L = r["learners"]
+    ref = next(iter(L))
+    layers = L[ref]["layers"]
+    same_arch = {n: e for n, e in L.items() if e["layers"] == layers}
+    figs = _figs(
+        c.bars(
+            "representations_cka",
+            layers,
+            {n: e["cka"] for n, e in same_arch.items()},
+            ylabel="linear CKA (before, after)",
+            title=f"Representation similarity, {r['steps']} steps",
+            caption="Linear CKA between each layer's output on the query inputs before and after adaptation, "
+            "mean over tasks; 1 = unchanged; error bars: 95% CI.",
+        ),
+        c.bars(
+            "representations_cca",
+            layers,
+            {n: e["cca"] for n, e in same_arch.items() if "cca" in e},
+            ylabel="SVCCA similarity (before, after)",
+            title="Representation similarity (SVCCA)",
+            caption="Mean canonical correlation (SVCCA, 99% variance kept, ridge-regularized for few "
+            "inputs); error bars: 95% CI.",
+        ),
+        c.bars(
+            "representations_param_change",
+            L[ref]["param_layers"],
+            {n: e["param_change"] for n, e in same_arch.items()},
+            ylim=None,
+            ylabel="‖θ' − θ‖ / ‖θ‖",
+            title="Relative parameter change per layer",
+            caption="How far each layer's parameters (weight and bias) move during adaptation, relative "
+            "to their norm; error bars: 95% CI.",
+        ),
+    )
+    tables = []
+    for n, e in L.items():
+        rows = [[lab, e["cka"][j], e["cca"][j] if "cca" in e else None] for j, lab in enumerate(e["layers"])]
+        tables.append(
+            Table(
+                f"{n}: similarity before vs after {r['steps']} steps", ["layer", "linear CKA", "SVCCA"], rows
+            )
+        )
+    tables.append(
+        Table(
+            "Relative parameter change ‖θ' − θ‖ / ‖θ‖",
+            ["layer", *L],
+            [
+                [
+                    lab,
+                    *(
+                        e["param_change"][j] if e["param_layers"] == L[ref]["param_layers"] else None
+                        for e in L.values()
+                    ),
+                ]
+                for j, lab in enumerate(L[ref]["param_layers"])
+            ],
+            digits=4,
+        )
+    )
+    for n, e in L.items():
+        if e["kind"] not in ("maml", "fomaml"):
+            continue
+        body, head = e["cka"][:-1], e["cka"][-1]
+        body_min = min((b for b in body if math.isfinite(b.mean)), key=lambda b: b.mean, default=None)
+        pc = e["param_change"]
+        holds = body_min is not None and body_min.mean >= 0.9 and head.mean < body_min.mean
+        summary.append(
+            f"Rapid learning or feature reuse ({n}, {r['steps']} steps): CKA before vs after adaptation is "
+            f"at least {_fmt(body_min) if body_min else 'n/a'} in the body layers and {_fmt(head)} at the "
+            "output; "
+            f"the head's parameters move {_fmt(pc[-1])} (relative) vs at most "
+            f"{_fmt(max(pc[:-1], key=lambda x: x.mean)) if len(pc) > 1 else 'n/a'} in the body. "
+            + (
+                "Raghu et al.'s finding holds here: the body barely changes (feature reuse)."
+                if holds
+                else "Raghu et al.'s finding (body CKA ≈ 1, only the head changes) does not hold here: "
+                "the body's representations change during adaptation too (rapid learning)."
+            )
+        )
+    text = [
+        "For each task, every layer's output on the task's query inputs is captured with forward hooks "
+        "under θ and under the task's adapted θ' and compared (Raghu et al. 2020: on MiniImagenet the "
+        "conv layers barely change, CKA ≈ 1, and the head changes most). Feature reuse is declared when "
+        "every body layer keeps CKA >= 0.9 and the output changes more. ANIL adapts only the head, so its "
+        "body parameters change by exactly 0."
+    ]
+    return Section(_TITLES["representations"], text, figs, tables)
+
+
+def _landscape_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+    L, names = r["learners"], list(r["learners"])
+    figs = _figs(
+        c.bars(
+            "landscape_sharpness",
+            names,
+            {
+                "support loss at θ": [L[n]["sharpness_support_theta"] for n in names],
+                "support loss at θ'": [L[n]["sharpness_support_adapted"] for n in names],
+                "query loss at θ'": [L[n]["sharpness_query_adapted"] for n in names],
+            },
+            ylim=None,
+            xlabel="learner",
+            ylabel="top Hessian eigenvalue",
+            title=f"Sharpness ({r['tasks']} tasks)",
+            caption="Largest Hessian eigenvalue (power iteration on Hessian-vector products) of each task's "
+            "loss w.r.t. the adapted parameters; error bars: 95% CI over tasks.",
+        ),
+        c.line(
+            "landscape_grad_norm",
+            list(range(r["steps"] + 1)),
+            {n: e["grad_norm"] for n, e in L.items()},
+            xlabel="inner SGD step",
+            ylabel="‖∇ support loss‖",
+            title="Gradient norm along the inner loop",
+            caption="Norm of the support-loss gradient at each inner step; shaded: 95% CI.",
+        ),
+    )
+    rows = [
+        [
+            n,
+            L[n]["sharpness_support_theta"],
+            L[n]["sharpness_support_adapted"],
+            L[n]["sharpness_change"],
+            L[n]["sharpness_query_adapted"],
+            L[n]["converged"],
+        ]
+        for n in names
+    ]
+    tables = [
+        Table(
+            "Sharpness (top Hessian eigenvalue)",
+            ["learner", "support @ θ", "support @ θ'", "θ' − θ (paired)", "query @ θ'", "converged"],
+            rows,
+            note=f"Power iteration: at most {r['iters']} products, relative tolerance {r['tol']}; "
+            "converged: fraction of runs that met it.",
+        )
+    ]
+    ref = names[0]
+    g = L[ref]["grad_norm"]
+    summary.append(
+        f"Landscape ({ref}, {r['tasks']} tasks): top Hessian eigenvalue of the support loss "
+        f"{_fmt(L[ref]['sharpness_support_theta'], 2)} at θ vs "
+        f"{_fmt(L[ref]['sharpness_support_adapted'], 2)} at θ' (paired change "
+        f"{_signed(L[ref]['sharpness_change'], 2)}); gradient norm {_fmt(g[0])} at step 0, "
+        f"{_fmt(g[-1])} at step {r['steps']}."
+    )
+    return Section(
+        _TITLES["landscape"],
+        [f"Curvature and gradients over the first {r['tasks']} held-out tasks, {r['steps']} inner steps."],
+        figs,
+        tables,
+    )
+
+
+# ---------------------------------------------------------------------- main
+def analyze_runs(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tasks: int = 200,
+    seed: int = 0,
+    steps: int = 20,
+    studies: Sequence[str] | None = None,
+    force: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Run the generalization studies on trained runs and write ``out/index.html`` and ``results.json``.
+
+    Args:
+        runs: run directories (``mamlab train --out``) of one task family: MAML, first-order MAML
+            and/or pretrain runs; the first is the reference of every paired difference.
+        out: the report folder; must be absent or empty unless ``force``.
+        tasks: held-out tasks (>= 2), the same for every learner.
+        seed: seeds the evaluation episodes and the random-init baseline.
+        steps: the most inner steps S of the adaptation curves (>= 1); the other studies use
+            ``min(steps, 10)``.
+        studies: which of ``STUDIES`` to run (default all), a list or a comma-separated string.
+        force: replace an existing report (or other content) in ``out``.
+        progress: progress bars on stderr.
+        echo: where one-line messages go (the per-study timings).
+
+    Returns:
+        The path of ``out/index.html``.
+    """
+    if isinstance(runs, (str, Path)):
+        runs = [runs]
+    runs = list(runs)
+    if not runs:
+        raise MamlabError("no runs given; pass at least one run directory")
+    check_positive("tasks", tasks, integer=True)
+    if tasks < 2:
+        raise MamlabError(f"tasks must be an integer >= 2 (confidence intervals need two), got {tasks!r}")
+    check_positive("steps", steps, integer=True)
+    check_positive("seed", seed, integer=True, allow_zero=True)
+    chosen = _check_studies(studies)
+    out = Path(out)
+    _check_out(out, force)
+    loaded = _load_runs(runs)
+    t_start = time.perf_counter()
+    cfg = loaded[0].config
+    learners = _learners(loaded, seed)
+    fixed = min(steps, FIXED_STEPS)
+    heldout_family = build_family(cfg, "test")
+    train_family = build_family(cfg, "train")
+    heldout = st.episodes(heldout_family, tasks, cfg.shots, cfg.queries, eval_generator(seed))
+    from tqdm.auto import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        ctx = _Ctx(tmp, learners, cfg, tasks, fixed)
+        results: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        sections: list[Section] = []
+        summary: list[str] = []
+        kinds = {lr.name: lr.kind for lr in learners}
+        with tqdm(
+            total=len(chosen),
+            desc="analysis",
+            unit="study",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+
+            def tick(name: str, study: str) -> None:
+                bar.set_postfix_str(f"{study}: {name}", refresh=True)
+
+            for study in chosen:
+                t0 = time.perf_counter()
+                bar.set_description(study)
+                sec: Section | None = None
+                if study == "adaptation":
+                    r = st.adaptation_curves(
+                        learners, heldout, steps, progress=lambda n: tick(n, "adaptation")
+                    )
+                    timings[study] = time.perf_counter() - t0
+                    sec = _adaptation_section(ctx, r, learners, summary)
+                elif study == "shots":
+                    batches = _shot_batches(heldout_family, cfg, tasks, seed)
+                    r = st.shot_sweep(learners, batches, fixed, progress=lambda n: tick(n, "shots"))
+                    r["kinds"] = kinds
+                    timings[study] = time.perf_counter() - t0
+                    sec = _shots_section(ctx, r, summary)
+                elif study == "generalization":
+                    train_tasks = st.episodes(
+                        train_family,
+                        tasks,
+                        cfg.shots,
+                        cfg.queries,
+                        torch.Generator().manual_seed(TRAIN_CHECK_SEED_OFFSET + seed),
+                    )
+                    r = st.generalization_gap(
+                        learners, heldout, train_tasks, fixed, same_distribution=cfg.task == "sinusoid"
+                    )
+                    curves = {}
+                    for lr, run in zip(learners, loaded, strict=False):
+                        tick(lr.name, "checkpoints")
+                        snaps = _snapshots(run)
+                        if snaps:
+                            curves[lr.name] = st.meta_overfitting_curve(
+                                snaps, run.config, heldout, train_tasks, fixed, lr.kind
+                            )
+                    r["meta_overfitting"] = curves
+                    timings[study] = time.perf_counter() - t0
+                    sec = _generalization_section(ctx, r, curves, summary)
+                elif study == "shift":
+                    conditions = _shift_conditions(cfg, heldout, tasks, seed)
+                    if conditions is None:
+                        r = {"skipped": f"no distribution shift is defined for task {cfg.task!r}"}
+                        timings[study] = time.perf_counter() - t0
+                        sec = Section(_TITLES["shift"], [r["skipped"] + "."])
+                    else:
+                        r = st.distribution_shift(learners, conditions, fixed)
+                        timings[study] = time.perf_counter() - t0
+                        sec = _shift_section(ctx, r, summary)
+                elif study == "representations":
+                    rep = heldout
+                    if not ctx.classify and cfg.queries < REPRESENTATION_QUERIES:
+                        rep = st.episodes(
+                            heldout_family, tasks, cfg.shots, REPRESENTATION_QUERIES, eval_generator(seed)
+                        )
+                    r = st.representation_change(learners, rep, fixed)
+                    r["queries"] = rep.query_x.shape[1]
+                    timings[study] = time.perf_counter() - t0
+                    sec = _representation_section(ctx, r, summary)
+                else:  # landscape
+                    r = st.landscape(learners, _subset(heldout, LANDSCAPE_TASKS), fixed, seed=seed)
+                    timings[study] = time.perf_counter() - t0
+                    sec = _landscape_section(ctx, r, summary)
+                results[study] = r
+                timings[study + "_with_figures"] = time.perf_counter() - t0
+                echo(
+                    f"  {study}: {timings[study]:.1f} s "
+                    f"({timings[study + '_with_figures']:.1f} s with figures)"
+                )
+                sections.append(sec)
+                bar.update(1)
+        timings["total"] = time.perf_counter() - t_start
+        sections.append(_cost_section(timings, chosen, len(learners), tasks))
+        payload = {
+            "protocol": {
+                "tasks": tasks,
+                "seed": seed,
+                "steps": steps,
+                "fixed_steps": fixed,
+                "shots": cfg.shots,
+                "queries": cfg.queries,
+                "task": cfg.task,
+                "family": _family_signature(cfg),
+                "studies": chosen,
+                "reference": learners[0].name,
+                "confidence": 0.95,
+            },
+            "runs": [
+                {
+                    "path": str(r.path),
+                    "method": r.config.method,
+                    "first_order": r.config.first_order,
+                    "iterations": r.iteration,
+                    "inner_steps": r.config.inner_steps,
+                    "inner_lr": r.config.inner_lr,
+                }
+                for r in loaded
+            ],
+            "learners": [
+                {"name": lr.name, "kind": lr.kind, "inner_lr": lr.inner_lr, "inner_params": lr.inner_params}
+                for lr in learners
+            ],
+            "studies": results,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        title = (
+            f"Generalization analysis: {', '.join(lr.name for lr in learners[: len(loaded)])} on {cfg.task}"
+        )
+        write_report(tmp, title, summary, sections, payload)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    echo(f"  total: {timings['total']:.1f} s; report written to {out / 'index.html'}")
+    return out / "index.html"
+
+
+def _cost_section(timings: dict[str, float], chosen: list[str], learners: int, tasks: int) -> Section:
+    rows = [[s, round(timings[s], 2), round(timings[s + "_with_figures"], 2)] for s in chosen]
+    rows.append(["total (loading, episodes, all studies, figures)", round(timings["total"], 2), None])
+    return Section(
+        "Cost",
+        [f"Wall time of each study on this machine ({learners} learners, {tasks} tasks)."],
+        tables=[Table("Wall time (s)", ["study", "compute", "with figures"], rows, digits=2)],
+    )
+
+
+def _snapshots(run: Run) -> list[tuple[int, torch.nn.Module]]:
+    """Up to ``MAX_CHECKPOINTS`` evenly spaced checkpoints of a run (first and last included)."""
+    paths = list_checkpoints(run.path)
+    if len(paths) > MAX_CHECKPOINTS:
+        idx = sorted({round(i * (len(paths) - 1) / (MAX_CHECKPOINTS - 1)) for i in range(MAX_CHECKPOINTS)})
+        paths = [paths[i] for i in idx]
+    snaps = []
+    for p in paths:
+        loaded = load_run(run.path, checkpoint=p)
+        snaps.append((int(loaded.iteration or 0), loaded.model))
+    return snaps
+
+
+def _shift_conditions(
+    cfg: TrainConfig, heldout: TaskBatch, tasks: int, seed: int
+) -> dict[str, list[tuple[str, TaskBatch]]] | None:
+    if cfg.task == "sinusoid":
+        return st.sinusoid_shift_conditions(cfg, tasks, cfg.shots, cfg.queries, seed)
+    if heldout.support_x.dim() >= 4:  # images: Omniglot
+        return st.rotation_conditions(heldout)
+    return None
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished report folder to ``out``; an existing ``out`` is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
