@@ -1,0 +1,154 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamlab.algorithms.maml import MAML
+from mamlab.analysis import studies as st
+from mamlab.config import resolve_config
+from mamlab.evaluate import eval_generator
+from mamlab.experiment import build_family
+
+
+@pytest.fixture(scope="module")
+def config():
+    return resolve_config("sinusoid", None, {"hidden": [8, 8], "iterations": 1})
+
+
+@pytest.fixture(scope="module")
+def batch(config):
+    return st.episodes(build_family(config, "test"), 12, 5, 7, eval_generator(0))
+
+
+def _learners(config):
+    torch.manual_seed(1)
+    a = st.Learner("A", st.random_init_model(config, 1), config, "maml")
+    b = st.Learner("B", st.random_init_model(config, 2), config, "pretrain")
+    return [a, b, st.anil_learner(a), st.Learner("R", st.random_init_model(config, 0), config, "random")]
+
+
+def test_every_learner_sees_the_same_episodes(config, batch, monkeypatch):
+    seen: dict[str, list[torch.Tensor]] = {"support": [], "query": []}
+    adapt, predict = MAML.adapt, MAML.predict
+
+    def spy_adapt(self, support_x, support_y, *args, **kwargs):
+        seen["support"].append((id(self.model), id(self.inner_params), support_x, support_y))
+        return adapt(self, support_x, support_y, *args, **kwargs)
+
+    def spy_predict(self, params, x):
+        seen["query"].append((id(self.model), id(self.inner_params), x))
+        return predict(self, params, x)
+
+    monkeypatch.setattr(MAML, "adapt", spy_adapt)
+    monkeypatch.setattr(MAML, "predict", spy_predict)
+    learners = _learners(config)
+    st.adaptation_curves(learners, batch, 2)
+    first_calls = {}
+    for model_id, inner, sx, sy in seen["support"]:
+        first_calls.setdefault((model_id, inner), (sx, sy))
+    assert len(first_calls) == len(learners)  # each learner adapted ...
+    for sx, sy in first_calls.values():  # ... on the very same support tensors
+        assert torch.equal(sx, batch.support_x) and torch.equal(sy, batch.support_y)
+    queries = [x for _, _, x in seen["query"] if x.shape == batch.query_x.shape]
+    assert len(queries) == len(learners) * 3 and all(torch.equal(q, batch.query_x) for q in queries)
+
+
+def test_step_zero_is_the_unadapted_loss(config, batch):
+    learner = _learners(config)[0]
+    scores = st.adaptation_scores(learner, batch, 3)
+    with torch.no_grad():
+        direct = torch.stack([F.mse_loss(learner.model(batch.query_x[i]), batch.query_y[i])
+                              for i in range(batch.num_tasks)]).double()
+        support = torch.stack([F.mse_loss(learner.model(batch.support_x[i]), batch.support_y[i])
+                               for i in range(batch.num_tasks)]).double()
+    assert torch.allclose(scores.query_loss[:, 0], direct, rtol=1e-6)
+    assert torch.allclose(scores.support_loss[:, 0], support, rtol=1e-6)
+    assert scores.query_loss.shape == (batch.num_tasks, 4)
+    curves = st.adaptation_curves([learner], batch, 3)
+    assert curves["learners"]["A"]["query_loss"][0].mean == pytest.approx(float(direct.mean()))
+
+
+def test_random_init_is_reproducible_by_seed_and_leaves_the_global_rng(config):
+    state = torch.get_rng_state()
+    a, b, c = (st.random_init_model(config, s) for s in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), state)
+    for (ka, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), ka
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values(),
+                                                         strict=True))
+
+
+def test_anil_leaves_the_body_unchanged(config, batch):
+    learner = st.anil_learner(_learners(config)[0])
+    assert learner.inner_params == ["4.weight", "4.bias"]
+    r = st.representation_change([learner], batch, 3)["learners"][learner.name]
+    assert r["param_layers"] == ["0 Linear", "2 Linear", "4 Linear"]
+    for est in r["param_change"][:-1]:
+        assert est.mean == 0.0 and est.ci == 0.0 and est.n == batch.num_tasks
+    assert r["param_change"][-1].mean > 0
+    for est in r["cka"][:-1]:  # the body's representations are exactly those of θ
+        assert est.mean == pytest.approx(1.0, abs=1e-9)
+
+
+def test_representation_change_reports_every_layer_with_cis(config, batch):
+    r = st.representation_change(_learners(config)[:1], batch, 2)["learners"]["A"]
+    assert r["layers"] == ["0 Linear", "1 ReLU", "2 Linear", "3 ReLU", "4 Linear"]
+    for est in r["cka"] + r["cca"]:
+        assert 0.0 <= est.mean <= 1.0 and math.isfinite(est.ci)
+
+
+def test_paired_and_finite_estimates():
+    e = st.estimate_finite([1.0, float("nan"), 3.0, float("inf")])
+    assert (e.mean, e.n) == (2.0, 2)
+    assert math.isnan(st.estimate_finite([1.0]).ci)
+    d = st.paired_estimate(np.array([2.0, 3.0, 5.0]), np.array([1.0, 2.0, 4.0]))
+    assert (d.mean, d.ci, d.n) == (1.0, 0.0, 3)
+
+
+def test_sinusoid_shift_bands(config):
+    cond = st.sinusoid_shift_conditions(config, 5, 3, 4, seed=0)
+    assert list(cond) == ["amplitude", "phase", "x"]
+    labels = [lab for lab, _ in cond["amplitude"]]
+    assert labels == ["train [0.1, 5]", "[5, 6]", "[6, 8]", "[8, 10]"]
+    x_far = cond["x"][-1][1]
+    assert x_far.support_x.min() >= 8 and x_far.query_x.max() <= 10
+    amp_far = cond["amplitude"][-1][1]
+    assert amp_far.query_y.abs().max() <= 10 + 1e-5
+    again = st.sinusoid_shift_conditions(config, 5, 3, 4, seed=0)
+    assert torch.equal(again["phase"][2][1].query_y, cond["phase"][2][1].query_y)  # seeded
+
+
+def test_rotation_conditions():
+    x = torch.rand(2, 3, 1, 6, 6)
+    b = st.TaskBatch(x, torch.zeros(2, 3, dtype=torch.long), x.clone(), torch.zeros(2, 3, dtype=torch.long))
+    cond = st.rotation_conditions(b)["rotation"]
+    assert [lab for lab, _ in cond] == ["0°", "90°", "180°", "270°"]
+    assert torch.equal(st.rotate_batch(cond[3][1], 1).support_x, x)
+    with pytest.raises(st.MamlabError, match="image inputs"):
+        st.rotate_batch(st.TaskBatch(torch.zeros(1, 2, 1), torch.zeros(1, 2, 1), torch.zeros(1, 2, 1),
+                                     torch.zeros(1, 2, 1)), 1)
+
+
+def test_meta_overfitting_curve_sorts_checkpoints(config, batch):
+    ls = _learners(config)
+    r = st.meta_overfitting_curve([(20, ls[1].model), (0, ls[0].model)], config, batch, batch, 2)
+    assert r["iterations"] == [0, 20] and r["best_iteration"] in (0, 20)
+    assert len(r["heldout_query_loss"]) == 2
+
+
+def test_landscape_anil_head_curvature_does_not_move(config, batch):
+    # MSE is quadratic in the head's parameters: its Hessian is the same at θ and θ'.
+    learner = st.anil_learner(_learners(config)[0])
+    r = st.landscape([learner], st.TaskBatch(batch.support_x[:3], batch.support_y[:3], batch.query_x[:3],
+                                             batch.query_y[:3]), 2, iters=200, tol=1e-5)
+    e = r["learners"][learner.name]
+    assert e["sharpness_support_adapted"].mean == pytest.approx(e["sharpness_support_theta"].mean, rel=1e-4)
+    assert len(e["grad_norm"]) == 3 and e["converged"].n == 9  # 3 tasks x 3 eigenvalues
+
+
+def test_duplicate_learner_names_are_refused(config, batch):
+    a = _learners(config)[0]
+    with pytest.raises(st.MamlabError, match="unique"):
+        st.adaptation_curves([a, a], batch, 1)
