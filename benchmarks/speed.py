@@ -80,7 +80,9 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(case: str, impl: str, queue: mp.Queue) -> None:
+def measure(case: str, impl: str, queue: mp.Queue, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     try:
         model, batch, lr, loss_fn = make(case)
         opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -128,10 +130,10 @@ def measure(case: str, impl: str, queue: mp.Queue) -> None:
         queue.put({"skipped": f"{type(e).__name__}: {e}"[:120]})
 
 
-def run(case: str, impl: str) -> dict:
+def run(case: str, impl: str, threads: int | None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=measure, args=(case, impl, q))
+    p = ctx.Process(target=measure, args=(case, impl, q, threads))
     p.start()
     result = q.get()
     p.join()
@@ -143,17 +145,20 @@ def main() -> None:
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
     parser.add_argument("--repeat", type=int, default=1, help="repeat each measurement, keep the best")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every implementation (default: torch's choice)")
     args = parser.parse_args()
     cases = list(CASES) if args.case == "all" else [args.case]
     impls = {"sinusoid": ["loop", "mamlab", "mamlab:vmap", "mamlab:loop", "learn2learn", "higher"],
              "conv4": ["loop", "mamlab", "mamlab:vmap", "learn2learn", "higher"]}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} thread(s) per implementation")
     report = {}
     for case in cases:
         print(f"\n{case}: {CASES[case]['desc']}")
         rows = {}
         for impl in impls[case]:
-            results = [run(case, impl) for _ in range(args.repeat)]
+            results = [run(case, impl, args.threads) for _ in range(args.repeat)]
             ok = [r for r in results if "it_s" in r]
             rows[impl] = max(ok, key=lambda r: r["it_s"]) if ok else results[0]
         ref = rows["loop"]
