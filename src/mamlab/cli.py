@@ -200,10 +200,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _table(rows: list[dict[str, Any]]) -> str:
     has_acc = any("accuracy" in r for r in rows)
-    head = f"{'steps':>5}  {'query loss (95% CI)':>22}"
+    head = f"{'steps':>5}  {'query loss (95% CI)':>22}  {'median':>8}"
     lines = [head + (f"  {'accuracy (95% CI)':>20}" if has_acc else "")]
     for r in rows:
-        line = f"{r['steps']:>5}  {r['loss']:>12.4f} ± {r['loss_ci95']:<7.4f}"
+        line = f"{r['steps']:>5}  {r['loss']:>12.4f} ± {r['loss_ci95']:<7.4f}  {r['loss_median']:>8.4f}"
         if has_acc:
             line += f"  {100 * r['accuracy']:>10.2f}% ± {100 * r['accuracy_ci95']:.2f}%"
         lines.append(line)

@@ -77,7 +77,8 @@ class EvalResult:
         rows = []
         for s in self.steps:
             m, ci = mean_ci(self.losses[s])
-            row: dict[str, Any] = {"steps": s, "loss": m, "loss_ci95": ci}
+            row: dict[str, Any] = {"steps": s, "loss": m, "loss_ci95": ci,
+                                   "loss_median": float(self.losses[s].median())}
             if s in self.accuracies:
                 am, aci = mean_ci(self.accuracies[s])
                 row.update(accuracy=am, accuracy_ci95=aci)
