@@ -190,3 +190,16 @@ def omniglot_unsafe_zip(tmp_path: Path) -> Path:
         z.writestr("images_background/Greek/character01/ok.png", b"x")
         z.writestr("../evil.png", b"x")
     return path
+
+
+def test_analyze_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "report"
+    assert main(["analyze", str(run_dir), "--out", str(out), "--tasks", "6", "--steps", "2",
+                 "--studies", "adaptation,shots", "--no-progress"]) == 0
+    assert (out / "index.html").exists() and json.loads((out / "results.json").read_text())["summary"]
+    before = snapshot(out)
+    assert main(["analyze", str(run_dir), "--out", str(out), "--tasks", "6"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert snapshot(out) == before and not (tmp_path / "r2").exists()

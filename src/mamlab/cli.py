@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--omniglot-runs", type=Path, dest="omniglot_runs",
                    help="evaluate on the 20 official one-shot runs (all_runs.zip or its folder)")
 
+    a = sub.add_parser("analyze", help="generalization studies of trained runs, as an HTML report",
+                       description="Run the generalization studies (adaptation curves, shot sweep, "
+                       "generalization gap, distribution shift, representation change, landscape) on one "
+                       "or more runs of one task family, on the same seeded held-out episodes, and write "
+                       "OUT/index.html, OUT/results.json and the figures.")
+    a.add_argument("runs", type=Path, nargs="+", help="run directories; the first is the reference")
+    a.add_argument("--out", type=Path, required=True, help="report directory to create")
+    a.add_argument("--tasks", type=int, default=200, help="held-out tasks (default 200)")
+    a.add_argument("--steps", type=int, default=20, help="most inner steps of the adaptation curves (20)")
+    a.add_argument("--seed", type=int, default=0, help="evaluation episodes' seed (default 0)")
+    a.add_argument("--studies", help="comma-separated subset of the studies (default: all)")
+    a.add_argument("--force", action="store_true", help="replace an existing report in --out")
+    a.add_argument("--no-progress", action="store_true")
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
     d = sub.add_parser("demo", help="train MAML and a baseline on sinusoids, compare, plot",
                        description="Train MAML and the pretrain baseline on sinusoids, evaluate both on "
                        "the same held-out tasks, print the comparison and write Finn et al.'s Figure 2.")
@@ -210,6 +225,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from mamlab.analysis.report import analyze_runs
+    from mamlab.train import read_config
+
+    if (args.runs[0] / "config.json").exists():
+        _threads_for(read_config(args.runs[0]).task, args.threads)
+    path = analyze_runs(args.runs, args.out, tasks=args.tasks, seed=args.seed, steps=args.steps,
+                        studies=args.studies, force=args.force,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mamlab.demo import run_demo
 
@@ -232,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "analyze": _cmd_analyze, "demo": _cmd_demo}
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
