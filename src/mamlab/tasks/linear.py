@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from mamlab.errors import check_positive
-from mamlab.tasks.base import TaskBatch
+from mamlab.tasks.base import ParametricTasks, TaskBatch
 
 __all__ = ["LinearRegression", "LinearClassification"]
 
 
-class _LinearTasks:
+class _LinearTasks(ParametricTasks):
     """Shared sampling: task weights w ~ N(weight_mean, weight_std² I), inputs x ~ N(0, I)."""
 
     kind = "regression"
@@ -50,13 +50,6 @@ class _LinearTasks:
         x = torch.randn(num_tasks, shots + queries, self.dim, generator=generator)
         y = self._targets(tasks, x, generator)
         return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
-
-    def sample(self, num_tasks: int, shots: int, queries: int,
-               generator: torch.Generator | None = None) -> TaskBatch:
-        """Draw ``num_tasks`` tasks with ``shots`` support and ``queries`` query examples each."""
-        check_positive("shots", shots, integer=True)
-        check_positive("queries", queries, integer=True)
-        return self.batch(self.sample_tasks(num_tasks, generator), shots, queries, generator)
 
 
 class LinearRegression(_LinearTasks):

@@ -7,7 +7,7 @@ import math
 import torch
 
 from mamlab.errors import MamlabError, check_positive
-from mamlab.tasks.base import TaskBatch
+from mamlab.tasks.base import ParametricTasks, TaskBatch
 
 __all__ = ["Sinusoid"]
 
@@ -19,7 +19,7 @@ def _range(name: str, value: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-class Sinusoid:
+class Sinusoid(ParametricTasks):
     """Tasks y = A sin(x − φ), A ~ U[amplitude], φ ~ U[phase], inputs x ~ U[x_range].
 
     Args:
@@ -72,13 +72,6 @@ class Sinusoid:
         if self.noise > 0:
             y = y + self.noise * torch.randn(y.shape, generator=generator)
         return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
-
-    def sample(self, num_tasks: int, shots: int, queries: int,
-               generator: torch.Generator | None = None) -> TaskBatch:
-        """Draw ``num_tasks`` tasks with ``shots`` support and ``queries`` query points each."""
-        check_positive("shots", shots, integer=True)
-        check_positive("queries", queries, integer=True)
-        return self.batch(self.sample_tasks(num_tasks, generator), shots, queries, generator)
 
     def __repr__(self) -> str:
         return f"Sinusoid(amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range})"
