@@ -668,7 +668,8 @@ def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
                 f"{axis}: query loss ({u}) after {r['steps']} steps",
                 ["learner", *labels],
                 [[n, *e["query_loss"]] for n, e in ax["learners"].items()],
-                note="n below the task count: the inner loop diverged (non-finite loss) on the rest.",
+                note="Means over the tasks with a finite loss; where n (in results.json) is below "
+                "the task count, the inner loop diverged on the rest.",
             )
         )
         e0, e1 = ax["learners"][ref]["query_loss"][0], ax["learners"][ref]["query_loss"][-1]
