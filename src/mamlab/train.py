@@ -44,7 +44,7 @@ from mamlab.checkpoint import (
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
-from mamlab.experiment import build_family, build_model, is_classification, loss_for
+from mamlab.experiment import build_family, build_model, loss_for
 from mamlab.runlog import RunLogger, run_metadata, write_json_atomic
 from mamlab.tasks.base import TaskBatch
 
@@ -295,7 +295,3 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
              f"final meta-loss {last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
     return Run(out_dir, config, model, config.iterations)
 
-
-def is_classification_run(run: Run) -> bool:
-    """Whether a run is scored by accuracy too."""
-    return is_classification(run.config)
