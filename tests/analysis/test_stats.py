@@ -9,6 +9,8 @@ from mamlab.analysis.stats import (
     Estimate,
     estimate,
     mean_ci,
+    median_ci,
+    median_estimate,
     normal_quantile,
     paired_difference_ci,
     t_quantile,
@@ -76,6 +78,36 @@ def test_mean_ci_covers_true_mean_at_nominal_rate(n):
     assert abs(cov - 0.95) < tol, cov
     if n == 10:  # the test has power: a normal quantile under-covers (≈ 0.918) at n = 10
         assert cov_z < 0.95 - tol, cov_z
+
+
+@pytest.mark.parametrize("n", [10, 50])
+def test_median_ci_covers_true_median_at_least_at_nominal_rate(n):
+    # A heavy-tailed, skewed distribution (lognormal): the order-statistic interval needs no moments.
+    reps, true_median = 2000, math.exp(0.5)
+    rng = np.random.default_rng(100 + n)
+    hits = 0
+    for _ in range(reps):
+        med, low, high = median_ci(rng.lognormal(0.5, 2.0, size=n))
+        assert low <= med <= high
+        hits += low <= true_median <= high
+    tol = 4 * math.sqrt(0.95 * 0.05 / reps)
+    # exact coverage of [x_(j), x_(n+1-j)] is 1 - 2 P(B <= j-1): 0.9786 (n=10), 0.9672 (n=50)
+    exact = {10: 1 - 2 * 11 / 1024, 50: 0.9672}[n]
+    assert hits / reps >= 0.95 - tol and abs(hits / reps - exact) < tol, hits / reps
+
+
+def test_median_ci_known_values_inf_and_small_n():
+    assert median_ci([float(v) for v in range(1, 11)]) == (5.5, 2.0, 9.0)  # j = 2 for n = 10
+    med, low, high = median_ci([1, 2, math.inf, 4, 5, 6, 7, math.inf, 9, 10])  # two diverged tasks
+    assert (med, low, high) == (6.5, 2.0, math.inf)
+    assert median_ci([3.0, 1.0, 2.0]) == (2.0, -math.inf, math.inf)  # n < 6: no 95% interval
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[1:] == (1.0, 6.0)  # n = 6: the range, 96.9%
+    m = median_estimate(torch.arange(101, dtype=torch.float64))
+    assert (m.median, m.n) == (50.0, 101) and m.low < 50 < m.high and json.dumps(m.to_dict())
+    with pytest.raises(MamlabError, match="NaN"):
+        median_ci([1.0, math.nan])
+    with pytest.raises(MamlabError, match="confidence"):
+        median_ci([1.0, 2.0], confidence=1.5)
 
 
 def test_mean_ci_known_value_and_input_types():

@@ -1,4 +1,4 @@
-"""Means with Student-t confidence intervals, for paired and unpaired comparisons of episodes.
+"""Means with Student-t confidence intervals (paired, unpaired), medians with order-statistic intervals.
 
 The t quantile is computed here (no scipy): by inverting the Student-t CDF, written with the
 regularized incomplete beta function (continued fraction, Numerical Recipes §6.4), by bisection
@@ -9,6 +9,7 @@ Example:
     >>> mean, hw = mean_ci([0.9, 1.1, 1.0, 1.2])          # 95% CI: mean ± hw
     >>> paired_difference_ci(acc_maml, acc_baseline)       # same episodes for both methods
     >>> estimate(acc_maml).format()                         # '0.912 ± 0.013'
+    >>> median_ci([0.9, 1.1, 1.0, 1.2, 50.0, 1.05, 0.95])  # (1.05, 0.9, 50.0): robust to outliers
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from mamlab.errors import MamlabError
 
 __all__ = [
     "Estimate",
+    "Median",
     "estimate",
     "mean_ci",
+    "median_ci",
+    "median_estimate",
     "paired_difference_ci",
     "unpaired_difference_ci",
     "t_quantile",
@@ -67,6 +71,40 @@ class Estimate:
 
     def __str__(self) -> str:
         return self.format()
+
+
+@dataclass(frozen=True)
+class Median:
+    """A median with a distribution-free confidence interval ``[low, high]`` from ``n`` values."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: median, low, high, n, confidence."""
+        return {"median": self.median, "low": self.low, "high": self.high, "n": self.n,
+                "confidence": self.confidence}
+
+    def format(self, digits: int = 3) -> str:
+        """``"0.123 [0.101, 0.150]"``: the median and its interval with ``digits`` decimals."""
+        low, high = _fmt_bound(self.low, digits), _fmt_bound(self.high, digits)
+        return f"{_fmt_bound(self.median, digits)} [{low}, {high}]"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _fmt_bound(v: float, digits: int) -> str:
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if math.isnan(v):
+        return "n/a"
+    if v != 0 and not 10 ** (-digits) <= abs(v) < 1e4:
+        return f"{v:.{max(digits - 1, 1)}e}"
+    return f"{v:.{digits}f}"
 
 
 def _as_1d(name: str, values: ArrayLike, min_n: int = 2) -> np.ndarray:
@@ -231,6 +269,68 @@ def estimate(values: ArrayLike, confidence: float = 0.95) -> Estimate:
     """``mean_ci`` as an ``Estimate`` (mean, ci, n, confidence)."""
     mean, hw = mean_ci(values, confidence)
     return Estimate(mean, hw, len(values), float(confidence))
+
+
+def _binomial_half_cdf(n: int) -> list[float]:
+    """P(B <= i) for B ~ Binomial(n, 1/2), i = 0..n//2 (log-space pmf: no overflow for large n)."""
+    log_half = n * math.log(0.5)
+    lg_n = math.lgamma(n + 1)
+    out, acc = [], 0.0
+    for i in range(n // 2 + 1):
+        acc += math.exp(lg_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + log_half)
+        out.append(acc)
+    return out
+
+
+def median_ci(values: ArrayLike, confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free confidence interval for the population median.
+
+    The interval is ``[x_(j), x_(n+1-j)]`` (order statistics, 1-based) with the largest j such
+    that ``P(B <= j-1) <= (1-c)/2`` for B ~ Binomial(n, 1/2): its coverage is at least
+    ``confidence`` for any continuous distribution (conservative by the binomial's discreteness).
+    Needs no finite moments, so a few diverged values (pass them as ``+inf``) leave it intact.
+
+    Args:
+        values: n >= 1 numbers, i.i.d.; ``±inf`` allowed, NaN not.
+        confidence: the interval's coverage, in (0, 1).
+
+    Returns:
+        ``(median, low, high)``; ``(median, -inf, inf)`` when n is too small for any
+        order-statistic interval to reach ``confidence`` (n < 6 at 95%).
+    """
+    c = _check_confidence(confidence)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().to(torch.float64).numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MamlabError(f"values must be a 1-D sequence of numbers, got {type(values).__name__}") from None
+    if arr.ndim != 1 or arr.shape[0] < 1:
+        raise MamlabError(f"values must be a non-empty 1-D sequence, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        bad = int(np.isnan(arr).sum())
+        raise MamlabError(f"values must not be NaN; got {bad} NaN values (pass diverged values as inf)")
+    x = np.sort(arr)
+    n = x.shape[0]
+    with np.errstate(invalid="ignore"):
+        med = float(x[n // 2]) if n % 2 else float((x[n // 2 - 1] + x[n // 2]) / 2)
+    alpha_half = (1.0 - c) / 2.0
+    cdf = _binomial_half_cdf(n)
+    j = 0  # the largest j >= 1 with P(B <= j-1) <= alpha/2; 0: none
+    for i, p in enumerate(cdf):
+        if p <= alpha_half * (1.0 + 1e-12):
+            j = i + 1
+        else:
+            break
+    if j == 0:
+        return med, -math.inf, math.inf
+    return med, float(x[j - 1]), float(x[n - j])
+
+
+def median_estimate(values: ArrayLike, confidence: float = 0.95) -> Median:
+    """``median_ci`` as a ``Median`` (median, low, high, n, confidence)."""
+    med, low, high = median_ci(values, confidence)
+    return Median(med, low, high, len(values), float(confidence))
 
 
 def paired_difference_ci(a: ArrayLike, b: ArrayLike, confidence: float = 0.95) -> tuple[float, float]:
