@@ -7,6 +7,14 @@ study takes the learners and the *same* ``TaskBatch`` for all of them, so per-ta
 paired across learners; each number comes back as an :class:`~mamlab.analysis.stats.Estimate`
 (mean ± 95% CI half-width over tasks) and differences between learners as paired estimates.
 
+Divergence: with too large a step (e.g. a support-loss Hessian eigenvalue above 2/α) the inner
+loop blows up on some tasks and their losses dwarf every mean. A task's loss has *diverged* when
+it is not finite or exceeds ``DIVERGENCE_FACTOR`` (100) times the same loss at step 0, before
+adaptation (:func:`diverged`). So next to every loss ``key`` (a list per step/condition, or one
+value), a study also returns ``key_median`` (a :class:`~mamlab.analysis.stats.Median` over all
+tasks, diverged ones counted as +inf, with its distribution-free 95% CI) and ``key_diverged``
+(the number of diverged tasks); paired loss differences get ``key_median`` too.
+
 Studies (all on held-out tasks unless stated):
 
 * :func:`adaptation_curves`: query and support loss (and accuracy) after 0..S inner steps.
@@ -49,7 +57,14 @@ from mamlab.analysis.representations import (
     representation_layers,
 )
 from mamlab.analysis.similarity import cca_similarity, linear_cka
-from mamlab.analysis.stats import Estimate, mean_ci, paired_difference_ci, unpaired_difference_ci
+from mamlab.analysis.stats import (
+    Estimate,
+    Median,
+    mean_ci,
+    median_estimate,
+    paired_difference_ci,
+    unpaired_difference_ci,
+)
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
@@ -63,6 +78,10 @@ __all__ = [
     "STUDIES",
     "KINDS",
     "RANDOM_INIT_SEED_OFFSET",
+    "DIVERGENCE_FACTOR",
+    "diverged",
+    "robust_loss",
+    "paired_median",
     "Learner",
     "Scores",
     "run_kind",
@@ -90,6 +109,8 @@ STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", 
 KINDS = ("maml", "fomaml", "pretrain", "random", "anil")
 #: The randomly initialized baseline is built under ``torch.manual_seed(RANDOM_INIT_SEED_OFFSET + seed)``.
 RANDOM_INIT_SEED_OFFSET = 3_000_017
+#: A task's loss has diverged when it is non-finite or above ``DIVERGENCE_FACTOR`` × its step-0 loss.
+DIVERGENCE_FACTOR = 100.0
 
 
 @dataclass
@@ -173,6 +194,60 @@ def paired_estimate(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) 
     return Estimate(mean, hw, int(keep.sum()))
 
 
+def _arr(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    return np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+
+
+def diverged(loss: torch.Tensor | np.ndarray, initial: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Per task: the loss is not finite, or above ``DIVERGENCE_FACTOR`` × ``initial`` (the step-0 loss)."""
+    x, x0 = _arr(loss), _arr(initial)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(x) | (x > DIVERGENCE_FACTOR * x0)
+
+
+def _as_inf(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Values with NaN replaced by +inf: a NaN loss is a diverged one, ranked above every finite loss."""
+    x = _arr(values)
+    return np.where(np.isnan(x), np.inf, x)
+
+
+def robust_loss(out: dict[str, Any], key: str, losses: Sequence[torch.Tensor | np.ndarray],
+                initial: Sequence[torch.Tensor | np.ndarray], single: bool = False) -> None:
+    """Set ``out[key]`` (mean ± CI of the finite values), ``key_median`` and ``key_diverged``.
+
+    Args:
+        out: the dict to fill.
+        key: the loss's name, e.g. ``"query_loss"``.
+        losses: per-task losses, one array per step or condition.
+        initial: the same tasks' loss at step 0 (before adaptation), one array per entry of ``losses``.
+        single: store one value instead of a one-element list.
+    """
+    means = [estimate_finite(v) for v in losses]
+    medians = [median_estimate(_as_inf(v)) for v in losses]
+    counts = [int(diverged(v, v0).sum()) for v, v0 in zip(losses, initial, strict=True)]
+    if single:
+        out[key], out[key + "_median"], out[key + "_diverged"] = means[0], medians[0], counts[0]
+    else:
+        out[key], out[key + "_median"], out[key + "_diverged"] = means, medians, counts
+
+
+def paired_median(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> Median:
+    """Median of ``a − b`` over paired tasks, 95% CI; a non-finite loss counts as +inf (both: a tie, 0)."""
+    x, y = _as_inf(a), _as_inf(b)
+    both = np.isinf(x) & np.isinf(y) & (np.sign(x) == np.sign(y))
+    with np.errstate(invalid="ignore"):
+        d = np.where(both, 0.0, x - y)
+    return median_estimate(d)
+
+
+def _best(means: Sequence[Estimate], medians: Sequence[Median], diverged_counts: Sequence[int],
+          default: int) -> int:
+    """Index of the lowest loss: by median where any task diverged, else by mean."""
+    vals = np.asarray([m.median for m in medians] if any(diverged_counts) else [e.mean for e in means])
+    ok = np.isfinite(vals)
+    return int(np.flatnonzero(ok)[np.argmin(vals[ok])]) if ok.any() else default
+
+
 def _unpaired(a: torch.Tensor, b: torch.Tensor) -> Estimate:
     """Mean of ``a`` − mean of ``b`` (independent tasks, Welch interval), non-finite values dropped."""
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -207,6 +282,16 @@ class Scores:
     query_loss: torch.Tensor
     support_loss: torch.Tensor
     query_accuracy: torch.Tensor | None = None
+    initial_query_loss: torch.Tensor | None = None
+    initial_support_loss: torch.Tensor | None = None
+
+    def q0(self) -> torch.Tensor:
+        """Per-task query loss at step 0 (before adaptation)."""
+        return self.query_loss[:, 0] if self.initial_query_loss is None else self.initial_query_loss
+
+    def s0(self) -> torch.Tensor:
+        """Per-task support loss at step 0 (before adaptation)."""
+        return self.support_loss[:, 0] if self.initial_support_loss is None else self.initial_support_loss
 
 
 def adaptation_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
@@ -237,18 +322,21 @@ def adaptation_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
 
 
 def _final_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
-    """Scores after exactly ``steps`` steps only (column 0 of the returned tensors)."""
+    """Scores after exactly ``steps`` steps only (column 0), and the step-0 losses (``initial_*``)."""
     maml = learner.maml()
     batch = batch.to(dtype=next(learner.model.parameters()).dtype)
-    params = maml.adapt(batch.support_x, batch.support_y, steps=steps)
+    theta = maml.adapt(batch.support_x, batch.support_y, steps=0)
+    params = maml.adapt(batch.support_x, batch.support_y, steps=steps, start=theta) if steps else theta
     per_task = per_task_loss(loss_for(learner.config))
     with torch.no_grad():
+        q0 = per_task(maml.predict(theta, batch.query_x), batch.query_y).double()
+        s0 = per_task(maml.predict(theta, batch.support_x), batch.support_y).double()
         pq = maml.predict(params, batch.query_x)
         ps = maml.predict(params, batch.support_x)
         acc = (accuracy(learner.config, pq, batch.query_y).double().unsqueeze(1)
                if is_classification(learner.config) else None)
         return Scores([steps], per_task(pq, batch.query_y).double().unsqueeze(1),
-                      per_task(ps, batch.support_y).double().unsqueeze(1), acc)
+                      per_task(ps, batch.support_y).double().unsqueeze(1), acc, q0, s0)
 
 
 def _names(learners: Sequence[Learner]) -> list[str]:
@@ -286,32 +374,36 @@ def adaptation_curves(learners: Sequence[Learner], batch: TaskBatch, steps: int,
         scores[lr.name] = adaptation_scores(lr, batch, steps)
     ref = scores[names[0]]
     out: dict[str, Any] = {"steps": list(range(steps + 1)), "reference": names[0], "tasks": batch.num_tasks,
-                           "learners": {}, "paired_query_loss": {}, "paired_query_accuracy": {},
-                           "extrapolation": {}}
+                           "divergence_factor": DIVERGENCE_FACTOR, "learners": {}, "paired_query_loss": {},
+                           "paired_query_loss_median": {}, "paired_query_accuracy": {}, "extrapolation": {}}
     for lr in learners:
         sc = scores[lr.name]
-        entry = {"kind": lr.kind, "inner_lr": lr.inner_lr,
-                 "query_loss": [estimate_finite(sc.query_loss[:, s]) for s in range(steps + 1)],
-                 "support_loss": [estimate_finite(sc.support_loss[:, s]) for s in range(steps + 1)]}
+        entry: dict[str, Any] = {"kind": lr.kind, "inner_lr": lr.inner_lr}
+        robust_loss(entry, "query_loss", list(sc.query_loss.T), [sc.q0()] * (steps + 1))
+        robust_loss(entry, "support_loss", list(sc.support_loss.T), [sc.s0()] * (steps + 1))
         if sc.query_accuracy is not None:
             entry["query_accuracy"] = [estimate_finite(sc.query_accuracy[:, s]) for s in range(steps + 1)]
         out["learners"][lr.name] = entry
         if lr.name != names[0]:
             out["paired_query_loss"][lr.name] = [paired_estimate(sc.query_loss[:, s], ref.query_loss[:, s])
                                                  for s in range(steps + 1)]
+            out.setdefault("paired_query_loss_median", {})[lr.name] = [
+                paired_median(sc.query_loss[:, s], ref.query_loss[:, s]) for s in range(steps + 1)]
             if sc.query_accuracy is not None and ref.query_accuracy is not None:
                 out["paired_query_accuracy"][lr.name] = [
                     paired_estimate(sc.query_accuracy[:, s], ref.query_accuracy[:, s])
                     for s in range(steps + 1)]
         k = min(int(lr.config.inner_steps), steps)
-        means = [e.mean for e in entry["query_loss"]]
-        best = int(np.nanargmin(means)) if np.isfinite(means).any() else 0
+        best = _best(entry["query_loss"], entry["query_loss_median"], entry["query_loss_diverged"], 0)
         out["extrapolation"][lr.name] = {
             "trained_steps": int(lr.config.inner_steps) if lr.kind in ("maml", "fomaml") else None,
             "gain_after_trained": paired_estimate(sc.query_loss[:, k], sc.query_loss[:, steps]),
             "best_step": best,
             "rebound": paired_estimate(sc.query_loss[:, steps], sc.query_loss[:, best]),
             "query_minus_support": paired_estimate(sc.query_loss[:, steps], sc.support_loss[:, steps]),
+            "gain_after_trained_median": paired_median(sc.query_loss[:, k], sc.query_loss[:, steps]),
+            "rebound_median": paired_median(sc.query_loss[:, steps], sc.query_loss[:, best]),
+            "query_minus_support_median": paired_median(sc.query_loss[:, steps], sc.support_loss[:, steps]),
         }
     return out
 
@@ -334,10 +426,14 @@ def shot_sweep(learners: Sequence[Learner], batches: Mapping[int, TaskBatch], st
         if progress is not None:
             progress(lr.name)
         finals[lr.name] = {k: _final_scores(lr, batches[k], steps) for k in shots}
-    out: dict[str, Any] = {"shots": shots, "steps": steps, "reference": names[0], "learners": {},
-                           "paired_query_loss": {}}
+    out: dict[str, Any] = {"shots": shots, "steps": steps, "reference": names[0],
+                           "tasks": batches[shots[0]].num_tasks,
+                           "divergence_factor": DIVERGENCE_FACTOR, "learners": {}, "paired_query_loss": {},
+                           "paired_query_loss_median": {}}
     for name in names:
-        entry = {"query_loss": [estimate_finite(finals[name][k].query_loss[:, 0]) for k in shots]}
+        entry: dict[str, Any] = {}
+        robust_loss(entry, "query_loss", [finals[name][k].query_loss[:, 0] for k in shots],
+                    [finals[name][k].q0() for k in shots])
         if finals[name][shots[0]].query_accuracy is not None:
             entry["query_accuracy"] = [estimate_finite(finals[name][k].query_accuracy[:, 0])  # type: ignore[index]
                                        for k in shots]
@@ -345,6 +441,9 @@ def shot_sweep(learners: Sequence[Learner], batches: Mapping[int, TaskBatch], st
         if name != names[0]:
             out["paired_query_loss"][name] = [
                 paired_estimate(finals[name][k].query_loss[:, 0], finals[names[0]][k].query_loss[:, 0])
+                for k in shots]
+            out["paired_query_loss_median"][name] = [
+                paired_median(finals[name][k].query_loss[:, 0], finals[names[0]][k].query_loss[:, 0])
                 for k in shots]
     return out
 
@@ -371,14 +470,14 @@ def generalization_gap(learners: Sequence[Learner], heldout: TaskBatch, train: T
                            "heldout_tasks": heldout.num_tasks, "train_tasks": train.num_tasks, "learners": {}}
     for lr in learners:
         h, t = _final_scores(lr, heldout, steps), _final_scores(lr, train, steps)
-        entry = {
-            "train_query_loss": estimate_finite(t.query_loss[:, 0]),
-            "heldout_query_loss": estimate_finite(h.query_loss[:, 0]),
-            "heldout_minus_train": _unpaired(h.query_loss[:, 0], t.query_loss[:, 0]),
-            "train_support_loss": estimate_finite(t.support_loss[:, 0]),
-            "heldout_support_loss": estimate_finite(h.support_loss[:, 0]),
-            "query_minus_support": paired_estimate(h.query_loss[:, 0], h.support_loss[:, 0]),
-        }
+        entry: dict[str, Any] = {}
+        robust_loss(entry, "train_query_loss", [t.query_loss[:, 0]], [t.q0()], single=True)
+        robust_loss(entry, "heldout_query_loss", [h.query_loss[:, 0]], [h.q0()], single=True)
+        entry["heldout_minus_train"] = _unpaired(h.query_loss[:, 0], t.query_loss[:, 0])
+        robust_loss(entry, "train_support_loss", [t.support_loss[:, 0]], [t.s0()], single=True)
+        robust_loss(entry, "heldout_support_loss", [h.support_loss[:, 0]], [h.s0()], single=True)
+        entry["query_minus_support"] = paired_estimate(h.query_loss[:, 0], h.support_loss[:, 0])
+        entry["query_minus_support_median"] = paired_median(h.query_loss[:, 0], h.support_loss[:, 0])
         if h.query_accuracy is not None and t.query_accuracy is not None:
             entry["train_query_accuracy"] = estimate_finite(t.query_accuracy[:, 0])
             entry["heldout_query_accuracy"] = estimate_finite(h.query_accuracy[:, 0])
@@ -401,25 +500,30 @@ def meta_overfitting_curve(snapshots: Sequence[tuple[int, nn.Module]], config: T
 
     Returns:
         ``iterations`` ascending, ``heldout_query_loss`` and ``train_query_loss`` (one Estimate
-        each), ``best_iteration`` (lowest mean held-out loss) and ``final_minus_best`` (paired
+        each, with ``_median`` and ``_diverged``), ``best_iteration`` (lowest mean held-out loss,
+        median where a task diverged) and ``final_minus_best`` (paired
         over the held-out tasks: > 0 means the last checkpoint is worse than the best, i.e.
         meta-overfitting).
     """
     if not snapshots:
         raise MamlabError("no checkpoints given; the run needs at least one")
     snaps = sorted(snapshots, key=lambda s: s[0])
-    held, trn = [], []
+    held, trn, held0, trn0 = [], [], [], []
     for it, model in snaps:
         lr = Learner(f"iter {it}", model, config, kind)
-        held.append(_final_scores(lr, heldout, steps).query_loss[:, 0])
-        trn.append(_final_scores(lr, train, steps).query_loss[:, 0])
-    means = [float(h.mean()) for h in held]
-    best = int(np.nanargmin(means)) if np.isfinite(means).any() else len(snaps) - 1
-    return {"iterations": [it for it, _ in snaps], "steps": steps,
-            "heldout_query_loss": [estimate_finite(h) for h in held],
-            "train_query_loss": [estimate_finite(t) for t in trn],
-            "best_iteration": snaps[best][0],
-            "final_minus_best": paired_estimate(held[-1], held[best])}
+        h, t = _final_scores(lr, heldout, steps), _final_scores(lr, train, steps)
+        held.append(h.query_loss[:, 0])
+        trn.append(t.query_loss[:, 0])
+        held0.append(h.q0())
+        trn0.append(t.q0())
+    out: dict[str, Any] = {"iterations": [it for it, _ in snaps], "steps": steps}
+    robust_loss(out, "heldout_query_loss", held, held0)
+    robust_loss(out, "train_query_loss", trn, trn0)
+    h_key = "heldout_query_loss"
+    best = _best(out[h_key], out[h_key + "_median"], out[h_key + "_diverged"], len(snaps) - 1)
+    out["best_iteration"] = snaps[best][0]
+    out["final_minus_best"] = paired_estimate(held[-1], held[best])
+    return out
 
 
 # ---------------------------------------------------------------------- 4. distribution shift
@@ -497,7 +601,8 @@ def distribution_shift(learners: Sequence[Learner], conditions: Mapping[str, Seq
         ax: dict[str, Any] = {"labels": labels, "learners": {}, "degradation": {}, "paired_query_loss": {}}
         for name in names:
             sc = finals[name]
-            entry = {"query_loss": [estimate_finite(s.query_loss[:, 0]) for s in sc]}
+            entry: dict[str, Any] = {}
+            robust_loss(entry, "query_loss", [s.query_loss[:, 0] for s in sc], [s.q0() for s in sc])
             if sc[0].query_accuracy is not None:
                 entry["query_accuracy"] = [estimate_finite(s.query_accuracy[:, 0]) for s in sc]  # type: ignore[index]
             ax["learners"][name] = entry
@@ -505,6 +610,9 @@ def distribution_shift(learners: Sequence[Learner], conditions: Mapping[str, Seq
             if name != names[0]:
                 ax["paired_query_loss"][name] = [paired_estimate(s.query_loss[:, 0], r.query_loss[:, 0])
                                                  for s, r in zip(sc, finals[names[0]], strict=True)]
+                ax.setdefault("paired_query_loss_median", {})[name] = [
+                    paired_median(s.query_loss[:, 0], r.query_loss[:, 0])
+                    for s, r in zip(sc, finals[names[0]], strict=True)]
         out["axes"][axis] = ax
     return out
 

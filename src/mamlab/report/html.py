@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mamlab.analysis.stats import Estimate
+from mamlab.analysis.stats import Estimate, Median
 from mamlab.errors import MamlabError
 
 __all__ = ["Figure", "Table", "Section", "Cell", "format_value", "write_report"]
 
-Cell = str | int | float | Estimate | tuple[float, float] | None
+Cell = str | int | float | Estimate | Median | tuple[float, float] | None
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,9 +54,10 @@ class Figure:
 
 @dataclass(frozen=True)
 class Table:
-    """A table of numbers: a cell is text, a number, an ``Estimate`` or a ``(mean, ci)`` pair.
+    """A table of numbers: a cell is text, a number, an ``Estimate``, a ``Median`` or a ``(mean, ci)`` pair.
 
-    Estimates and pairs print as ``"0.123 ± 0.004"`` with ``digits`` decimals.
+    Estimates and pairs print as ``"0.123 ± 0.004"``, Medians as ``"0.120 [0.101, 0.150]"``, with
+    ``digits`` decimals.
     """
 
     title: str
@@ -101,6 +102,9 @@ def format_value(value: Cell, digits: int = 3) -> str:
     """
     if isinstance(value, Estimate):
         value = (value.mean, value.ci)
+    if isinstance(value, Median):
+        return (f"{_number(value.median, digits)} [{_number(value.low, digits)}, "
+                f"{_number(value.high, digits)}]")
     if _is_pair(value):
         mean, ci = value  # type: ignore[misc]
         return f"{_number(float(mean), digits)} ± {_number(float(ci), digits)}"
@@ -115,7 +119,7 @@ def format_value(value: Cell, digits: int = 3) -> str:
 
 def _jsonable(value: Any, where: str) -> Any:
     """``value`` as plain JSON data: Estimates as dicts, tensors/arrays as lists, NaN/inf as None."""
-    if isinstance(value, Estimate):
+    if isinstance(value, (Estimate, Median)):
         return _jsonable(value.to_dict(), where)
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         value = value.tolist() if not isinstance(value, torch.Tensor) else value.detach().cpu().tolist()
@@ -233,7 +237,7 @@ def _slug(text: str, taken: set[str]) -> str:
 
 
 def _is_numeric(cell: Cell) -> bool:
-    return isinstance(cell, (int, float, Estimate)) and not isinstance(cell, bool) or _is_pair(cell)
+    return isinstance(cell, (int, float, Estimate, Median)) and not isinstance(cell, bool) or _is_pair(cell)
 
 
 def _table_html(table: Table, number: int) -> str:

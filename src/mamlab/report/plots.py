@@ -8,7 +8,9 @@ figure assigns colours to its methods in sorted name order, so the same set of m
 same colours everywhere.
 
 A value with its confidence interval is a pair ``(mean, half_width)`` (``Estimate.mean`` and
-``Estimate.ci`` from ``mamlab.analysis.stats``).
+``Estimate.ci`` from ``mamlab.analysis.stats``); a curve may also be a triple
+``(centers, lows, highs)`` for asymmetric intervals such as a median's (``Median``), whose
+bounds may be infinite: the band is then clipped to the plotted range.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
            "#8c564b", "#7f7f7f")
 
 MeanCI = tuple[float, float]
-Curve = tuple[Sequence[float], Sequence[float]]
+Curve = tuple[Sequence[float], Sequence[float]] | tuple[Sequence[float], Sequence[float], Sequence[float]]
 
 
 def method_colors(methods: Sequence[str]) -> dict[str, str]:
@@ -96,7 +98,8 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
     Args:
         path: where to write the PNG.
         x: the shared x values (steps, shots, ...).
-        series: method name → ``(means, half_widths)``, each as long as ``x``.
+        series: method name → ``(means, half_widths)``, each as long as ``x``, or
+            ``(centers, lows, highs)`` (bounds may be ±inf: the band runs off the plot).
         xlabel, ylabel, title: axis labels and title; ``xunit``/``yunit`` are appended in
             parentheses, e.g. ``ylabel="query loss", yunit="MSE"``.
         colors: method → colour (default: ``method_colors`` of the methods shown).
@@ -110,16 +113,30 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
     xs = _finite_array("x", x)
     cmap = _colors_for(list(series), colors)
     fig, ax = _new_figure()
+    bands, centers = [], []
     for name, pair in series.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise MamlabError(f"series[{name!r}] must be a (means, half_widths) pair")
+        if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
+            raise MamlabError(f"series[{name!r}] must be a (means, half_widths) pair "
+                              "or a (centers, lows, highs) triple")
         mean = _finite_array(f"series[{name!r}] means", pair[0], len(xs))
-        hw = _finite_array(f"series[{name!r}] half-widths", pair[1], len(xs))
+        if len(pair) == 2:
+            hw = _finite_array(f"series[{name!r}] half-widths", pair[1], len(xs))
+            low, high = mean - hw, mean + hw
+        else:
+            low = _bound_array(f"series[{name!r}] lows", pair[1], len(xs))
+            high = _bound_array(f"series[{name!r}] highs", pair[2], len(xs))
         ax.plot(xs, mean, color=cmap[name], marker="o", markersize=3.5, linewidth=1.8, label=name)
-        low = mean - hw
         if logy and np.any(mean > 0):  # a band reaching below 0 runs to the bottom of a log axis
             low = np.maximum(low, mean[mean > 0].min() / 10)
-        ax.fill_between(xs, low, mean + hw, color=cmap[name], alpha=0.2, linewidth=0)
+        bands.append((name, low, high))
+        centers.append(mean)
+    finite = np.concatenate([b[i][np.isfinite(b[i])] for b in bands for i in (1, 2)] + centers)
+    lo_lim, hi_lim = float(finite.min()), float(finite.max())
+    pad = (hi_lim - lo_lim) * 0.05 or abs(hi_lim) * 0.05 or 1.0
+    for name, low, high in bands:  # infinite bounds: clip the band to the finite range shown
+        low = np.where(np.isfinite(low), low, lo_lim - pad if not logy else lo_lim)
+        high = np.where(np.isfinite(high), high, hi_lim + pad if not logy else hi_lim * 1.5)
+        ax.fill_between(xs, low, high, color=cmap[name], alpha=0.2, linewidth=0)
     if logx:
         ax.set_xscale("log")
     if logy:
@@ -129,6 +146,19 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
     ax.set_title(title)
     ax.legend(frameon=False, title="shaded: 95% CI", title_fontsize="small")
     return _save(fig, path)
+
+
+def _bound_array(name: str, values: Sequence[float], length: int) -> np.ndarray:
+    """An interval bound: numbers, ±inf allowed (an unbounded side), NaN not."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise MamlabError(f"{name} must be a sequence of numbers, got {type(values).__name__}") from None
+    if arr.ndim != 1 or arr.shape[0] != length:
+        raise MamlabError(f"{name} must have {length} values, got shape {arr.shape}")
+    if np.isnan(arr).any():
+        raise MamlabError(f"{name} must not be NaN, got {arr.tolist()}")
+    return arr
 
 
 def bar_chart_ci(path: str | Path, values: Mapping[str, MeanCI], *, ylabel: str, title: str,
