@@ -82,10 +82,13 @@ def test_end_to_end_report(full_report):
             assert set(v) == {"mean", "ci", "n", "confidence"}, path
             assert v["ci"] is not None or v["mean"] is None, path
             numbers += 1
+        elif isinstance(v, dict) and "median" in v:  # a loss's median with its order-statistic interval
+            assert set(v) == {"median", "low", "high", "n", "confidence"}, path
         elif isinstance(v, float):
             parent = path.rsplit(".", 1)[0]
             assert parent.endswith(("mean", "ci", "confidence")) or path.endswith(
-                (".mean", ".ci", ".confidence", ".tol", ".inner_lr")), path
+                (".mean", ".ci", ".confidence", ".median", ".low", ".high", ".tol", ".inner_lr",
+                 ".divergence_factor")), path
     assert numbers > 300
     # the summary is generated from those numbers
     adapt = res["studies"]["adaptation"]

@@ -12,6 +12,11 @@ seeded held-out episodes, so differences between them are paired over tasks. The
 The report is built in a temporary folder next to ``OUT`` and renamed into place, so a failed
 analysis leaves an earlier report untouched.
 
+Diverging tasks: every loss comes with its median (distribution-free 95% CI) and the number of
+tasks whose inner loop diverged (``studies.DIVERGENCE_FACTOR``). Where any task behind a number
+diverged, the summary sentence quotes medians and says how many tasks diverged, and figures plot
+medians with their CI band (the caption says so); otherwise means ± 95% CI.
+
 Example:
     >>> analyze_runs(["runs/maml", "runs/pretrain"], "runs/report", tasks=200, progress=True)
     PosixPath('runs/report/index.html')
@@ -33,13 +38,13 @@ from typing import Any
 import torch
 
 from mamlab.analysis import studies as st
-from mamlab.analysis.stats import Estimate
+from mamlab.analysis.stats import Estimate, Median
 from mamlab.checkpoint import list_checkpoints
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
 from mamlab.experiment import build_family, is_classification
-from mamlab.report.html import Figure, Section, Table, write_report
+from mamlab.report.html import Figure, Section, Table, format_value, write_report
 from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
 from mamlab.tasks.base import TaskBatch
 from mamlab.train import Run, load_run
@@ -175,12 +180,35 @@ def _series(named: dict[str, Sequence[Estimate]]) -> dict[str, tuple[list[float]
     return {k: v for k, v in ((k, _mc(v)) for k, v in named.items()) if v is not None}
 
 
-def _spread(series: dict[str, tuple[list[float], list[float]]]) -> bool:
-    vals = [m for means, _ in series.values() for m in means]
+def _median_series(
+    named: dict[str, Sequence[Median]],
+) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """(medians, lows, highs) per series whose medians are all finite (else left out)."""
+    out = {}
+    for k, v in named.items():
+        if all(math.isfinite(m.median) for m in v):
+            out[k] = ([m.median for m in v], [m.low for m in v], [m.high for m in v])
+    return out
+
+
+def _spread(series: dict[str, Any]) -> bool:
+    vals = [m for curve in series.values() for m in curve[0]]
     return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 100
 
 
-def _fmt(e: Estimate, digits: int = 3) -> str:
+def _num(v: float, digits: int = 3) -> str:
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if math.isnan(v):
+        return "n/a"
+    if abs(v) >= 1e4 or (0 < abs(v) < 1e-3):
+        return f"{v:.3g}"
+    return f"{v:.{digits}f}"
+
+
+def _fmt(e: Estimate | Median, digits: int = 3) -> str:
+    if isinstance(e, Median):
+        return f"median {_num(e.median, digits)} [95% CI {_num(e.low, digits)}, {_num(e.high, digits)}]"
     if not math.isfinite(e.mean):
         return "n/a"
     if abs(e.mean) >= 1e4 or (0 < abs(e.mean) < 1e-3):
@@ -188,12 +216,52 @@ def _fmt(e: Estimate, digits: int = 3) -> str:
     return e.format(digits)
 
 
-def _signed(e: Estimate, digits: int = 3) -> str:
+def _signed(e: Estimate | Median, digits: int = 3) -> str:
+    if isinstance(e, Median):
+        sign = "+" if e.median >= 0 else ""
+        return f"median {sign}{_num(e.median, digits)} [95% CI {_num(e.low, digits)}, {_num(e.high, digits)}]"
     return ("+" if e.mean >= 0 else "") + _fmt(e, digits)
 
 
-def _significant(e: Estimate) -> int:
+def _pick(entry: dict[str, Any], key: str, i: int | None, robust: bool) -> Estimate | Median:
+    """``entry[key]`` (at ``i``), or its median where ``robust`` and the study recorded one."""
+    k = key + "_median" if robust and key + "_median" in entry else key
+    return entry[k] if i is None else entry[k][i]
+
+
+def _ndiv(entry: dict[str, Any], key: str, i: int | None = None) -> int:
+    """Diverged tasks behind ``entry[key]`` (at ``i``); 0 where none were counted."""
+    d = entry.get(key + "_diverged", 0)
+    return int(d if i is None else d[i])
+
+
+def _div_text(counts: dict[str, int], total: int) -> str:
+    """``"; 3 of 100 tasks diverged for MAML"`` for every nonzero count, else ``""``."""
+    parts = [f"{d} of {total} tasks diverged for {n}" for n, d in counts.items() if d]
+    return ("; " + ", ".join(parts)) if parts else ""
+
+
+def _mcell(m: Median, d: int, digits: int = 3) -> Median | str:
+    """A table cell: the median [CI], with the diverged-task count appended where nonzero."""
+    return m if d == 0 else f"{format_value(m, digits)} ({d} diverged)"
+
+
+def _diverged_series(diverged: dict[str, Sequence[int]] | None, x: Sequence[Any]) -> str:
+    """``"MAML: 71 at 10, ..."``: where tasks diverged, per series."""
+    if not diverged:
+        return ""
+    parts = []
+    for n, counts in diverged.items():
+        where = [f"{c} at {xi}" for xi, c in zip(x, counts, strict=True) if c]
+        if where:
+            parts.append(f"{n}: {', '.join(where)}")
+    return "; ".join(parts)
+
+
+def _significant(e: Estimate | Median) -> int:
     """+1 / −1 if the 95% CI excludes 0 on that side, else 0."""
+    if isinstance(e, Median):
+        return 1 if e.low > 0 else (-1 if e.high < 0 else 0)
     if not (math.isfinite(e.mean) and math.isfinite(e.ci)):
         return 0
     return 1 if e.low > 0 else (-1 if e.high < 0 else 0)
@@ -225,11 +293,21 @@ class _Ctx:
         yunit: str | None = None,
         own_colors: bool = False,
         logx: bool = False,
+        medians: dict[str, Sequence[Median]] | None = None,
+        diverged: dict[str, Sequence[int]] | None = None,
     ) -> Figure | None:
-        data = _series(series)
+        where = _diverged_series(diverged, x)
+        robust = bool(where) and medians is not None
+        data: dict[str, Any] = _median_series(medians) if robust else _series(series)  # type: ignore[arg-type]
         if not data:
             return None
         dropped = [k for k in series if k not in data]
+        if robust:
+            caption += (
+                f" The inner loop diverged on some tasks ({where}; diverged: loss not finite or above "
+                f"{st.DIVERGENCE_FACTOR:g}× its step-0 loss), so the curves show medians over all tasks "
+                "with their distribution-free 95% CI (order statistics), not means."
+            )
         colors = None if own_colors else {k: self.colors[k] for k in data}
         logy = _spread(data)
         path = line_plot_ci(
@@ -248,7 +326,8 @@ class _Ctx:
         if logy:
             caption += " Logarithmic y axis."
         if dropped:
-            caption += f" Not drawn (non-finite values): {', '.join(dropped)}."
+            what = "median infinite: most tasks diverged" if robust else "non-finite values"
+            caption += f" Not drawn ({what}): {', '.join(dropped)}."
         return Figure(path, caption)
 
     def bars(
@@ -304,6 +383,8 @@ def _adaptation_section(
             yunit=u,
             title=f"Query loss on {r['tasks']} held-out tasks",
             caption="Mean query loss after each number of inner steps; shaded: 95% CI over tasks.",
+            medians={n: e["query_loss_median"] for n, e in L.items()},
+            diverged={n: e["query_loss_diverged"] for n, e in L.items()},
         ),
         c.line(
             "adaptation_support_loss",
@@ -315,6 +396,8 @@ def _adaptation_section(
             title="Support loss (the data adapted on)",
             caption="Loss on the support set itself: a falling support loss with a rising query loss would "
             "be overfitting the support set.",
+            medians={n: e["support_loss_median"] for n, e in L.items()},
+            diverged={n: e["support_loss_diverged"] for n, e in L.items()},
         ),
         c.line(
             "adaptation_query_accuracy",
@@ -336,6 +419,8 @@ def _adaptation_section(
             yunit=u,
             title=f"Paired difference to {ref}",
             caption=f"Per-task query loss minus {ref}'s on the same task; above 0: worse than {ref}.",
+            medians=r.get("paired_query_loss_median"),
+            diverged={n: e["query_loss_diverged"] for n, e in L.items()},
         ),
     )
     shown = sorted({0, 1, min(f, smax), smax} | {min(lr.config.inner_steps, smax) for lr in learners})
@@ -359,7 +444,17 @@ def _adaptation_section(
             f"Query loss ({u}) after k inner steps",
             ["learner", *(f"k={s}" for s in shown)],
             rows,
-            note=f"Mean ± 95% CI half-width over {r['tasks']} held-out tasks, the same for every learner.",
+            note=f"Mean ± 95% CI half-width over {r['tasks']} held-out tasks, the same for every learner "
+            "(tasks with a non-finite loss left out).",
+        ),
+        Table(
+            f"Median query loss ({u}) after k inner steps [95% CI] (diverged tasks)",
+            ["learner", *(f"k={s}" for s in shown)],
+            [[n, *(_mcell(L[n]["query_loss_median"][s], L[n]["query_loss_diverged"][s]) for s in shown)]
+             for n in L],
+            note=f"Median over all {r['tasks']} tasks (a diverged task counts as +∞) with its "
+            f"distribution-free 95% CI; diverged: loss not finite or above {st.DIVERGENCE_FACTOR:g}× the "
+            "task's step-0 loss.",
         ),
         Table(
             f"Paired difference learner − {ref} in query loss ({u})",
@@ -395,22 +490,32 @@ def _adaptation_section(
     )
     # summary
     fs = min(f, smax)
-    head = L[ref]["query_loss"][fs]
+    T = r["tasks"]
     others = [n for n in L if n != ref]
     runs = [n for n in others if r["learners"][n]["kind"] in ("maml", "fomaml", "pretrain")]
+    pm = r.get("paired_query_loss_median", {})
     for n in runs or others[:1]:
+        div = {m: _ndiv(L[m], "query_loss", fs) for m in (ref, n)}
+        rb = any(div.values())
         summary.append(
-            f"After {fs} steps on {r['tasks']} held-out {c.task} tasks, {ref}'s query {u} is "
-            f"{_fmt(head)} vs {_fmt(L[n]['query_loss'][fs])} for {n} (paired difference "
-            f"{n} − {ref}: {_signed(r['paired_query_loss'][n][fs])})."
+            f"After {fs} steps on {T} held-out {c.task} tasks, {ref}'s query {u} is "
+            f"{_fmt(_pick(L[ref], 'query_loss', fs, rb))} vs "
+            f"{_fmt(_pick(L[n], 'query_loss', fs, rb))} for {n} "
+            f"(paired difference {n} − {ref}: "
+            f"{_signed(pm[n][fs] if rb else r['paired_query_loss'][n][fs])}{_div_text(div, T)})."
         )
     base = [n for n in others if n not in runs]
     if base:
+        div = {n: _ndiv(L[n], "query_loss", fs) for n in [ref, *base]}
+        rb = any(div.values())
         summary.append(
             f"Baselines after {fs} steps (query {u}, paired difference to {ref}): "
             + "; ".join(
-                f"{n} {_fmt(L[n]['query_loss'][fs])} ({_signed(r['paired_query_loss'][n][fs])})" for n in base
+                f"{n} {_fmt(_pick(L[n], 'query_loss', fs, rb))} "
+                f"({_signed(pm[n][fs] if rb else r['paired_query_loss'][n][fs])})"
+                for n in base
             )
+            + _div_text(div, T)
             + "."
         )
     for lr in learners:
@@ -419,11 +524,15 @@ def _adaptation_section(
         x, k = r["extrapolation"][lr.name], min(lr.config.inner_steps, smax)
         if k >= smax:
             continue
-        gain = x["gain_after_trained"]
+        E = L[lr.name]
+        div = {lr.name: max(_ndiv(E, "query_loss", k), _ndiv(E, "query_loss", smax),
+                            _ndiv(E, "support_loss", smax))}
+        robust = any(div.values())
+        gain = x["gain_after_trained_median"] if robust else x["gain_after_trained"]
         verdict = {1: "it keeps improving", 0: "no significant change", -1: "it gets worse"}[
             _significant(gain)
         ]
-        rb = x["rebound"]
+        rb = x["rebound_median"] if robust else x["rebound"]
         if _significant(rb) > 0:
             over = (
                 f"the query loss rises again after step {x['best_step']} ({_signed(rb)}): overfitting "
@@ -436,13 +545,15 @@ def _adaptation_section(
                 f"no sign of overfitting the support set (loss at step {smax} within {_fmt(rb)} of its "
                 f"best, at step {x['best_step']})"
             )
+        qms = x["query_minus_support_median"] if robust else x["query_minus_support"]
         summary.append(
             f"{lr.name} was meta-trained with {lr.config.inner_steps} inner step(s); from step {k} to "
-            f"{smax} its query {u} goes from {_fmt(L[lr.name]['query_loss'][k])} to "
-            f"{_fmt(L[lr.name]['query_loss'][smax])} (paired change {_signed(_neg(gain))}): "
+            f"{smax} its query {u} goes from {_fmt(_pick(E, 'query_loss', k, robust))} to "
+            f"{_fmt(_pick(E, 'query_loss', smax, robust))} (paired change {_signed(_neg(gain))}): "
             f"{verdict}; {over}. Support {u} at step {smax}: "
-            f"{_fmt(L[lr.name]['support_loss'][smax])} (query − support "
-            f"{_signed(x['query_minus_support'])})."
+            f"{_fmt(_pick(E, 'support_loss', smax, robust))} (query − support {_signed(qms)})"
+            + (f"; by step {smax}, {_ndiv(E, 'query_loss', smax)} of {T} tasks diverged" if robust else "")
+            + "."
         )
     text = [
         f"Every learner is adapted by plain SGD on each task's support set (its own inner learning rate) "
@@ -454,7 +565,9 @@ def _adaptation_section(
     return Section(_TITLES["adaptation"], text, figs, tables)
 
 
-def _neg(e: Estimate) -> Estimate:
+def _neg(e: Estimate | Median) -> Estimate | Median:
+    if isinstance(e, Median):
+        return Median(-e.median, -e.high, -e.low, e.n, e.confidence)
     return Estimate(-e.mean, e.ci, e.n, e.confidence)
 
 
@@ -472,6 +585,8 @@ def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
             logx=True,
             caption=f"Mean query loss after {r['steps']} inner steps against the number of shots; "
             "shaded: 95% CI. Tasks are drawn from the same seeded stream for every K.",
+            medians={n: e["query_loss_median"] for n, e in L.items()},
+            diverged={n: e["query_loss_diverged"] for n, e in L.items()},
         ),
         c.line(
             "shots_query_accuracy",
@@ -493,17 +608,41 @@ def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
             [[n, *L[n]["query_loss"]] for n in L],
         ),
         Table(
+            f"Median query loss ({u}) after {r['steps']} steps [95% CI] (diverged tasks)",
+            ["learner", *(f"K={k}" for k in shots)],
+            [[n, *map(_mcell, e["query_loss_median"], e["query_loss_diverged"])] for n, e in L.items()],
+        ),
+        Table(
             f"Paired difference learner − {ref} ({u})",
             ["learner", *(f"K={k}" for k in shots)],
             [[n, *v] for n, v in r["paired_query_loss"].items()],
         ),
     ]
-    lo, hi = L[ref]["query_loss"][0], L[ref]["query_loss"][-1]
+    if c.classify:
+        tables.insert(
+            2,
+            Table(
+                f"Query accuracy after {r['steps']} steps",
+                ["learner", *(f"K={k}" for k in shots)],
+                [[n, *e["query_accuracy"]] for n, e in L.items() if "query_accuracy" in e],
+            ),
+        )
     others = [n for n in L if n != ref and r.get("kinds", {}).get(n) in ("maml", "fomaml", "pretrain")]
+    T = r.get("tasks", c.tasks)
+    div = {n: max(_ndiv(L[n], "query_loss", 0), _ndiv(L[n], "query_loss", -1)) for n in [ref, *others]}
+    rb = any(div.values())
+
+    def ends(n: str) -> str:
+        text = f"{_fmt(_pick(L[n], 'query_loss', 0, rb))} with K={shots[0]} and " \
+            f"{_fmt(_pick(L[n], 'query_loss', -1, rb))} with K={shots[-1]}"
+        if c.classify and "query_accuracy" in L[n]:
+            text += f" (accuracy {_fmt(L[n]['query_accuracy'][0])} and {_fmt(L[n]['query_accuracy'][-1])})"
+        return text
+
     summary.append(
-        f"Shots ({r['steps']} steps): {ref}'s query {u} is {_fmt(lo)} with K={shots[0]} and "
-        f"{_fmt(hi)} with K={shots[-1]}"
-        + "".join(f"; {n}: {_fmt(L[n]['query_loss'][0])} and {_fmt(L[n]['query_loss'][-1])}" for n in others)
+        f"Shots ({r['steps']} steps): {ref}'s query {u} is {ends(ref)}"
+        + "".join(f"; {n}: {ends(n)}" for n in others)
+        + _div_text(div, T)
         + "."
     )
     return Section(
@@ -547,6 +686,10 @@ def _generalization_section(
             own_colors=True,
             caption=f"{run}: query loss after adaptation at each saved checkpoint "
             f"({len(cv['iterations'])} checkpoints); shaded: 95% CI.",
+            medians={"held-out": cv["heldout_query_loss_median"],
+                     "training distribution": cv["train_query_loss_median"]},
+            diverged={"held-out": cv["heldout_query_loss_diverged"],
+                      "training distribution": cv["train_query_loss_diverged"]},
         )
         if fig is not None:
             figs.append(fig)
@@ -575,7 +718,22 @@ def _generalization_section(
             rows,
             note="held-out − train: Welch interval (different tasks); query − support: paired over "
             "held-out tasks.",
-        )
+        ),
+        Table(
+            f"Medians after {r['steps']} steps ({u}) [95% CI] (diverged tasks)",
+            ["learner", "train-distribution query", "held-out query", "held-out support", "query − support"],
+            [
+                [
+                    n,
+                    *(_mcell(L[n][k + "_median"], L[n][k + "_diverged"])
+                      for k in ("train_query_loss", "heldout_query_loss", "heldout_support_loss")),
+                    L[n]["query_minus_support_median"],
+                ]
+                for n in names
+            ],
+            note=f"Medians over all tasks (a diverged task counts as +∞); diverged: loss not finite or above "
+            f"{st.DIVERGENCE_FACTOR:g}× its step-0 loss.",
+        ),
     ]
     if c.classify:
         tables.append(
@@ -619,12 +777,24 @@ def _generalization_section(
         if c.task == "omniglot"
         else "different distributions"
     )
-    summary.append(
-        f"Training-distribution vs held-out tasks ({note}): {ref}'s query {u} after {r['steps']} steps "
-        f"is {_fmt(L[ref]['train_query_loss'])} vs {_fmt(L[ref]['heldout_query_loss'])} (difference "
-        f"{_signed(L[ref]['heldout_minus_train'])}); query − support on held-out tasks "
-        f"{_signed(L[ref]['query_minus_support'])}."
-    )
+    E = L[ref]
+    div = {k: _ndiv(E, k) for k in ("train_query_loss", "heldout_query_loss", "heldout_support_loss")}
+    if any(div.values()):
+        summary.append(
+            f"Training-distribution vs held-out tasks ({note}): {ref}'s query {u} after {r['steps']} steps "
+            f"is {_fmt(E['train_query_loss_median'])} vs {_fmt(E['heldout_query_loss_median'])}; query − "
+            f"support on held-out tasks {_signed(E['query_minus_support_median'])}; "
+            f"{div['train_query_loss']} of {r['train_tasks']} training-distribution and "
+            f"{max(div['heldout_query_loss'], div['heldout_support_loss'])} of {r['heldout_tasks']} held-out "
+            "tasks diverged."
+        )
+    else:
+        summary.append(
+            f"Training-distribution vs held-out tasks ({note}): {ref}'s query {u} after {r['steps']} steps "
+            f"is {_fmt(E['train_query_loss'])} vs {_fmt(E['heldout_query_loss'])} (difference "
+            f"{_signed(E['heldout_minus_train'])}); query − support on held-out tasks "
+            f"{_signed(E['query_minus_support'])}."
+        )
     for run, cv in curves.items():
         fb, best, last = cv["final_minus_best"], cv["best_iteration"], cv["iterations"][-1]
         if best == last:
@@ -660,6 +830,8 @@ def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
             title=f"Shift in {axis}",
             caption=f"Query loss as the {axis} of the test tasks moves beyond the training range; "
             "shaded: 95% CI.",
+            medians={n: e["query_loss_median"] for n, e in ax["learners"].items()},
+            diverged={n: e["query_loss_diverged"] for n, e in ax["learners"].items()},
         )
         if fig is not None:
             figs.append(fig)
@@ -672,9 +844,26 @@ def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
                 "the task count, the inner loop diverged on the rest.",
             )
         )
-        e0, e1 = ax["learners"][ref]["query_loss"][0], ax["learners"][ref]["query_loss"][-1]
-        div = f", diverged on {c.tasks - e1.n} of {c.tasks} tasks" if e1.n < c.tasks else ""
-        parts.append(f"{axis} {labels[-1]}: {_fmt(e1)} vs {_fmt(e0)} in range{div}")
+        tables.append(
+            Table(
+                f"{axis}: median query loss ({u}) [95% CI] (diverged tasks)",
+                ["learner", *labels],
+                [[n, *map(_mcell, e["query_loss_median"], e["query_loss_diverged"])]
+                 for n, e in ax["learners"].items()],
+                note=f"Medians over all {c.tasks} tasks (a diverged task counts as +∞); diverged: loss not "
+                f"finite or above {st.DIVERGENCE_FACTOR:g}× its step-0 loss.",
+            )
+        )
+        E = ax["learners"][ref]
+        d0, d1 = _ndiv(E, "query_loss", 0), _ndiv(E, "query_loss", -1)
+        rb = bool(d0 or d1)
+        e0, e1 = _pick(E, "query_loss", 0, rb), _pick(E, "query_loss", -1, rb)
+        div = f", {d1} of {c.tasks} tasks diverged" if d1 else ""
+        div0 = f" ({d0} of {c.tasks} diverged)" if d0 else ""
+        acc = ""
+        if "query_accuracy" in E:
+            acc = f" (accuracy {_fmt(E['query_accuracy'][-1])} vs {_fmt(E['query_accuracy'][0])})"
+        parts.append(f"{axis} {labels[-1]}: {_fmt(e1)} vs {_fmt(e0)} in range{div0}{div}{acc}")
     if parts:
         summary.append(
             f"Distribution shift ({ref}, query {u} after {r['steps']} steps): " + "; ".join(parts) + "."
