@@ -1,0 +1,71 @@
+"""A task whose inner loop diverges: medians and diverged-task counts in the studies and the summary."""
+
+import math
+
+import torch
+from torch import nn
+
+from mamlab.analysis import report as rp
+from mamlab.analysis import studies as st
+from mamlab.config import resolve_config
+from mamlab.tasks.base import TaskBatch
+
+
+def _linear_tasks(num_tasks: int = 10, wild: int = 3) -> TaskBatch:
+    """y = a·x tasks with |x| ≈ 0.5, except task ``wild`` with |x| = 20: SGD on it blows up."""
+    gen = torch.Generator().manual_seed(0)
+    x = 0.5 + 0.1 * torch.rand(num_tasks, 5, 1, generator=gen)
+    x[wild] = 20.0
+    a = torch.linspace(-1.0, 1.0, num_tasks).view(-1, 1, 1)
+    return TaskBatch(x, a * x, x.clone(), a * x)
+
+
+def _learners() -> list[st.Learner]:
+    cfg = resolve_config("sinusoid", None, {"inner_lr": 0.01, "inner_steps": 1})
+    torch.manual_seed(0)
+    out = []
+    for name in ("MAML", "pretrain"):
+        model = nn.Sequential(nn.Linear(1, 1, bias=False))
+        with torch.no_grad():
+            model[0].weight.fill_(0.3 if name == "MAML" else -0.2)
+        out.append(st.Learner(name, model, cfg, "maml" if name == "MAML" else "pretrain"))
+    return out
+
+
+def test_the_divergence_rule():
+    assert st.DIVERGENCE_FACTOR == 100.0
+    d = st.diverged(torch.tensor([1.0, 150.0, math.inf, math.nan, 99.0]), torch.ones(5))
+    assert d.tolist() == [False, True, True, True, False]
+
+
+def test_one_diverging_task_is_counted_and_the_summary_uses_medians(tmp_path):
+    learners, batch = _learners(), _linear_tasks()
+    r = st.adaptation_curves(learners, batch, steps=5)
+    entry = r["learners"]["MAML"]
+    assert entry["query_loss_diverged"][0] == 0 and entry["query_loss_diverged"][5] == 1
+    assert entry["query_loss"][5].mean > 1e3  # the mean is dominated by the one diverged task ...
+    med = entry["query_loss_median"][5]
+    assert med.median < 1.0 and med.n == 10  # ... the median is not
+    summary: list[str] = []
+    ctx = rp._Ctx(tmp_path, learners, learners[0].config, batch.num_tasks, 5)
+    sec = rp._adaptation_section(ctx, r, learners, summary)
+    head = summary[0]
+    assert "median" in head and "1 of 10 tasks diverged for MAML" in head, head
+    assert f"{med.median:.3f}" in head
+    assert f"{entry['query_loss'][5].mean:.3g}" not in head
+    captions = " ".join(f.caption for f in sec.figures)
+    assert "medians" in captions and "MAML: 1 at" in captions
+    assert any("Median query loss" in t.title for t in sec.tables)
+
+
+def test_without_divergence_the_summary_uses_means(tmp_path):
+    learners, batch = _learners(), _linear_tasks(wild=-1)
+    batch.support_x[-1] = 0.5
+    batch.query_x[-1] = 0.5
+    batch = TaskBatch(batch.support_x, batch.support_x * 0.3, batch.query_x, batch.query_x * 0.3)
+    r = st.adaptation_curves(learners, batch, steps=5)
+    assert sum(r["learners"]["MAML"]["query_loss_diverged"]) == 0
+    summary: list[str] = []
+    rp._adaptation_section(rp._Ctx(tmp_path, learners, learners[0].config, 10, 5), r, learners, summary)
+    q = r["learners"]["MAML"]["query_loss"][5]
+    assert f"{q.mean:.3f} ± {q.ci:.3f}" in summary[0] and "median" not in summary[0]
