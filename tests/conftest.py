@@ -1,8 +1,13 @@
-"""Session-wide test settings: keep mamlab's dataset cache inside pytest's temporary directory."""
+"""Session-wide test settings: one torch thread, and mamlab's dataset cache in a temporary directory."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+# The test models are tiny: one intra-op thread is as fast and does not stall when the other core
+# is busy (see benchmarks/speed.py and the README's note on threads).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")

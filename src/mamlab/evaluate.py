@@ -36,13 +36,15 @@ def eval_generator(seed: int) -> torch.Generator:
 
 def eval_episodes(family: TaskFamily, num_tasks: int, shots: int, queries: int, seed: int,
                   chunk: int = 200) -> Iterator[TaskBatch]:
-    """The held-out tasks for ``seed``, in meta-batches of at most ``chunk`` tasks."""
-    gen = eval_generator(seed)
-    done = 0
-    while done < num_tasks:
-        n = min(chunk, num_tasks - done)
-        yield family.sample(n, shots, queries, gen)
-        done += n
+    """The held-out tasks for ``seed``, in meta-batches of at most ``chunk`` tasks.
+
+    All ``num_tasks`` tasks are drawn in one call, so the tasks do not depend on ``chunk``.
+    """
+    check_positive("chunk", chunk, integer=True)
+    batch = family.sample(num_tasks, shots, queries, eval_generator(seed))
+    for start in range(0, num_tasks, chunk):
+        s = slice(start, min(start + chunk, num_tasks))
+        yield TaskBatch(batch.support_x[s], batch.support_y[s], batch.query_x[s], batch.query_y[s])
 
 
 def parse_steps(text: str | Sequence[int]) -> list[int]:
