@@ -40,7 +40,7 @@ def test_analyze_a_tiny_omniglot_run(omniglot_zips: Path, tmp_path: Path) -> Non
     assert "query_accuracy" in studies["shots"]["learners"]["MAML"]
     assert "heldout_query_accuracy" in studies["generalization"]["learners"]["MAML"]
     # the shot sweep respects the held-out pool: all_runs has 2 drawings per class
-    assert studies["shots"]["shots"] == [1]
+    assert studies["shots"]["shots"] == [1] and studies["shots"]["unavailable_shots"][0] == 2
     # rotation shift, with accuracies
     rot = studies["shift"]["axes"]["rotation"]
     assert rot["labels"] == ["0°", "90°", "180°", "270°"]

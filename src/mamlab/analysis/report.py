@@ -154,8 +154,12 @@ def _subset(batch: TaskBatch, n: int) -> TaskBatch:
     return TaskBatch(batch.support_x[s], batch.support_y[s], batch.query_x[s], batch.query_y[s])
 
 
+def _shot_candidates(config: TrainConfig) -> tuple[int, ...]:
+    return (1, 2, 5, 10, 20) if not is_classification(config) else (1, 2, 3, 5, 10, 15, 19)
+
+
 def _shot_batches(family: Any, config: TrainConfig, tasks: int, seed: int) -> dict[int, TaskBatch]:
-    candidates = (1, 2, 5, 10, 20) if not is_classification(config) else (1, 2, 3, 5, 10, 15, 19)
+    candidates = _shot_candidates(config)
     out = {}
     for k in candidates:
         try:
@@ -645,9 +649,16 @@ def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
         + _div_text(div, T)
         + "."
     )
+    text = [f"Query loss at a fixed {r['steps']} inner steps as the support set grows."]
+    if r.get("unavailable_shots"):
+        text.append(
+            f"Only K = {', '.join(map(str, shots))} fit the held-out task pool: with {c.config.queries} "
+            f"query example(s) per class, K = {', '.join(map(str, r['unavailable_shots']))} would need more "
+            "examples per class than it holds (e.g. Omniglot's all_runs: 2 drawings per class)."
+        )
     return Section(
         _TITLES["shots"],
-        [f"Query loss at a fixed {r['steps']} inner steps as the support set grows."],
+        text,
         figs,
         tables,
     )
@@ -1120,6 +1131,7 @@ def analyze_runs(
                     batches = _shot_batches(heldout_family, cfg, tasks, seed)
                     r = st.shot_sweep(learners, batches, fixed, progress=lambda n: tick(n, "shots"))
                     r["kinds"] = kinds
+                    r["unavailable_shots"] = [k for k in _shot_candidates(cfg) if k not in batches]
                     timings[study] = time.perf_counter() - t0
                     sec = _shots_section(ctx, r, summary)
                 elif study == "generalization":
