@@ -212,6 +212,8 @@ def _num(v: float, digits: int = 3) -> str:
 
 def _fmt(e: Estimate | Median, digits: int = 3) -> str:
     if isinstance(e, Median):
+        if math.isinf(e.median):
+            return "median ∞ (at least half the tasks diverged)"
         return f"median {_num(e.median, digits)} [95% CI {_num(e.low, digits)}, {_num(e.high, digits)}]"
     if not math.isfinite(e.mean):
         return "n/a"
