@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
     e.add_argument("--lr", type=float, help="inner step size (default: the run's inner_lr)")
     e.add_argument("--seed", type=int, default=0, help="evaluation stream seed (default 0)")
+    e.add_argument("--ways", type=int, help="classification: N-way test tasks (default: the run's; at most "
+                   "the model's number of outputs, labels 0..N-1)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--omniglot-runs", type=Path, dest="omniglot_runs",
@@ -202,12 +205,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else result["table"])
         return 0
     steps = parse_steps(args.steps or "0,1,5,10")
+    if args.ways is not None:
+        if run.config.task != "omniglot":
+            raise MamlabError(f"--ways applies to omniglot runs; this run's task is {run.config.task!r}")
+        if not 0 < args.ways <= run.config.ways:
+            raise MamlabError(f"--ways must be between 1 and the model's {run.config.ways} outputs, "
+                              f"got {args.ways}")
+        run.config = dataclasses.replace(run.config, ways=args.ways)
     result = evaluate_model(run.model, run.config, shots=args.shots, queries=args.queries, steps=steps,
                             num_tasks=args.tasks, lr=args.lr, seed=args.seed)
     if args.json:
         print(json.dumps({"run": str(args.run), **result.to_dict()}, indent=2))
         return 0
-    print(f"{run.config.method} on {run.config.task}: {result.num_tasks} held-out tasks, "
+    ways = f"{run.config.ways}-way " if run.config.task == "omniglot" else ""
+    print(f"{run.config.method} on {run.config.task}: {result.num_tasks} held-out {ways}tasks, "
           f"{result.shots}-shot, {result.queries} queries, lr {result.lr}, eval seed {result.seed}")
     print(_table(result.summary()))
     return 0

@@ -66,3 +66,12 @@ def test_cli_omniglot_errors(omniglot_zips: Path, tmp_path: Path, capsys: pytest
                  "--queries", "2", "--out", str(out), "--no-progress", "--config", str(cfg)]) == 2
     assert "shots + queries = 5 exceeds the 4 drawings per class" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_eval_fewer_ways_than_the_model_has(omniglot_zips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = resolve_config("omniglot", None, small(omniglot_zips))
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert main(["eval", str(tmp_path / "run"), "--ways", "2", "--tasks", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["accuracy"] >= 0
+    assert main(["eval", str(tmp_path / "run"), "--ways", "4"]) == 2
+    assert "--ways must be between 1 and the model's 3 outputs, got 4" in capsys.readouterr().err
