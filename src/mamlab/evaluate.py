@@ -144,7 +144,8 @@ def evaluate_model(model: nn.Module, config: TrainConfig, *, shots: int | None =
     parts_l: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     parts_a: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     for batch in eval_episodes(family, num_tasks, shots, queries, seed, chunk):
-        batch = batch.to(dtype=next(model.parameters()).dtype)
+        first = next(model.parameters())
+        batch = batch.to(device=first.device, dtype=first.dtype)
         losses, accs = per_task_scores(maml, config, batch, steps, lr)
         for s in steps:
             parts_l[s].append(losses[s])

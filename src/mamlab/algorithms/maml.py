@@ -356,8 +356,7 @@ class MAML:
                 return self._one_task_loss(adapted, shared, buffers, batch, i, self.inner_steps,
                                            create_graph)
 
-        total = torch.zeros((), dtype=batch.query_x.dtype if batch.query_x.is_floating_point()
-                            else torch.get_default_dtype())
+        total = torch.zeros((), dtype=next(iter(theta.values())).dtype, device=batch.query_x.device)
         grads = [torch.zeros_like(p) for p in theta.values()]
         for c in chunks:
             loss = chunk_loss(c) / num_tasks
