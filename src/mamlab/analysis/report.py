@@ -639,9 +639,13 @@ def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
     rb = any(div.values())
 
     def ends(n: str) -> str:
+        acc = c.classify and "query_accuracy" in L[n]
+        if len(shots) == 1:
+            text = f"{_fmt(_pick(L[n], 'query_loss', 0, rb))} with K={shots[0]}, the only K that fits"
+            return text + (f" (accuracy {_fmt(L[n]['query_accuracy'][0])})" if acc else "")
         text = f"{_fmt(_pick(L[n], 'query_loss', 0, rb))} with K={shots[0]} and " \
             f"{_fmt(_pick(L[n], 'query_loss', -1, rb))} with K={shots[-1]}"
-        if c.classify and "query_accuracy" in L[n]:
+        if acc:
             text += f" (accuracy {_fmt(L[n]['query_accuracy'][0])} and {_fmt(L[n]['query_accuracy'][-1])})"
         return text
 
