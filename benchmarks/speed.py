@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
     parser.add_argument("--repeat", type=int, default=1, help="repeat each measurement, keep the best")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated subset, e.g. loop,mamlab (the loop reference is always run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every implementation (default: torch's choice)")
     args = parser.parse_args()
@@ -157,7 +159,8 @@ def main() -> None:
     for case in cases:
         print(f"\n{case}: {CASES[case]['desc']}")
         rows = {}
-        for impl in impls[case]:
+        chosen = impls[case] if args.impls is None else ["loop", *[i for i in args.impls.split(",") if i != "loop"]]
+        for impl in chosen:
             results = [run(case, impl, args.threads) for _ in range(args.repeat)]
             ok = [r for r in results if "it_s" in r]
             rows[impl] = max(ok, key=lambda r: r["it_s"]) if ok else results[0]
