@@ -148,6 +148,7 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
     full = train(resolve_config("sinusoid", None, {**SMALL, "iterations": 30}), tmp_path / "full",
                  progress=False, echo=lambda s: None)
     extended = train(None, tmp_path / "run", resume=True, iterations=30, progress=False, echo=lambda s: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 30
     for p, q in zip(full.model.parameters(), extended.model.parameters(), strict=True):
         assert torch.equal(p, q)
 

@@ -218,6 +218,8 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             restore_rng_states(ckpt.rng_states, {"tasks": tasks})
             start = ckpt.iteration
             skipped = int((ckpt.extra or {}).get("skipped", 0))
+        if iterations is not None:  # the run now has a new length: its config says so
+            write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
         echo(f"resuming {out_dir} from iteration {start} of {config.iterations}")
     else:
         if force and out_dir.exists():
