@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mamlab.analysis.stats import mean_ci, paired_difference_ci
 from mamlab.config import resolve_config
 from mamlab.evaluate import evaluate_model
+from mamlab.stats import mean_ci, paired_difference_ci
 from mamlab.train import load_run, train
 
 PAPER = {"MAML": {1: 0.67, 5: 0.38, 10: 0.35}, "pretrained": {1: 2.41, 5: 2.23, 10: 2.19}}

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from mamlab.algorithms.maml import MAML
-from mamlab.analysis.stats import paired_difference_ci
 from mamlab.config import resolve_config
 from mamlab.errors import check_positive
 from mamlab.evaluate import EvalResult, eval_generator, evaluate_model
 from mamlab.report.figures import sinusoid_adaptation_figure
+from mamlab.stats import paired_difference_ci
 from mamlab.tasks import Sinusoid
 from mamlab.train import Run, train
 
@@ -81,7 +81,7 @@ def comparison_table(results: dict[str, EvalResult]) -> str:
 
 
 def _ci(values: torch.Tensor) -> float:
-    from mamlab.analysis.stats import mean_ci
+    from mamlab.stats import mean_ci
 
     return mean_ci(values)[1]
 

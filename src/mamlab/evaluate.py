@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from mamlab.algorithms.maml import MAML
-from mamlab.analysis.stats import mean_ci
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.experiment import accuracy, build_family, is_classification, loss_for
+from mamlab.stats import mean_ci
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
 __all__ = ["evaluate_on_oneshot_runs", "EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult",

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mamlab.analysis.stats import Estimate, estimate, paired_difference_ci
 from mamlab.report import (
     Figure,
     Section,
@@ -20,6 +19,7 @@ from mamlab.report import (
     method_colors,
     write_report,
 )
+from mamlab.stats import Estimate, estimate, paired_difference_ci
 
 METHODS = ("MAML", "FOMAML", "ANIL")
 # Text that must be escaped, not interpreted.

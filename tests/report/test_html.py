@@ -9,7 +9,6 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from mamlab.analysis.stats import Estimate
 from mamlab.errors import MamlabError
 from mamlab.report import (
     Figure,
@@ -22,6 +21,7 @@ from mamlab.report import (
     method_colors,
     write_report,
 )
+from mamlab.stats import Estimate
 
 
 class _Tags(HTMLParser):

@@ -1,10 +1,8 @@
-"""Generalization analysis: confidence intervals, representation similarity, loss landscape, studies.
+"""Generalization analysis: the studies, representation similarity, loss landscape, the report.
 
-``analyze_runs`` and the studies (``mamlab.analysis.studies``) are imported on first use: they
-depend on ``mamlab.evaluate``, which itself imports ``mamlab.analysis.stats``.
+The confidence intervals live in ``mamlab.stats`` (re-exported here), below the evaluation
+protocol that uses them, so data flows one way: tasks → algorithm → train/evaluate → analysis.
 """
-
-from typing import Any
 
 from mamlab.analysis.landscape import (
     HessianEigen,
@@ -12,6 +10,7 @@ from mamlab.analysis.landscape import (
     hessian_vector_product,
     top_hessian_eigenvalue,
 )
+from mamlab.analysis.report import STUDIES, analyze_runs
 from mamlab.analysis.representations import (
     capture_representations,
     head_parameter_names,
@@ -19,7 +18,8 @@ from mamlab.analysis.representations import (
     representation_layers,
 )
 from mamlab.analysis.similarity import canonical_correlations, cca_similarity, linear_cka
-from mamlab.analysis.stats import (
+from mamlab.analysis.studies import Learner
+from mamlab.stats import (
     Estimate,
     estimate,
     mean_ci,
@@ -52,15 +52,3 @@ __all__ = [
     "STUDIES",
     "Learner",
 ]
-
-_LAZY = {"analyze_runs": "mamlab.analysis.report", "STUDIES": "mamlab.analysis.studies",
-         "Learner": "mamlab.analysis.studies"}
-
-
-def __getattr__(name: str) -> Any:
-    """Import ``analyze_runs``, ``STUDIES`` and ``Learner`` on first use (see the module docstring)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mamlab.analysis' has no attribute {name!r}")

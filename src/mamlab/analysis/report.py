@@ -38,7 +38,6 @@ from typing import Any
 import torch
 
 from mamlab.analysis import studies as st
-from mamlab.analysis.stats import Estimate, Median
 from mamlab.checkpoint import list_checkpoints
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
@@ -46,6 +45,7 @@ from mamlab.evaluate import eval_generator
 from mamlab.experiment import build_family, is_classification
 from mamlab.report.html import Figure, Section, Table, format_value, write_report
 from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
+from mamlab.stats import Estimate, Median
 from mamlab.tasks.base import TaskBatch
 from mamlab.train import Run, load_run
 

@@ -4,14 +4,14 @@ A :class:`Learner` is a network that is adapted to each task by plain SGD on the
 set: a MAML or first-order MAML run, the pretrain baseline (Finn et al. 2017), a randomly
 initialized network, or head-only adaptation of a MAML network (ANIL, Raghu et al. 2020). Every
 study takes the learners and the *same* ``TaskBatch`` for all of them, so per-task scores are
-paired across learners; each number comes back as an :class:`~mamlab.analysis.stats.Estimate`
+paired across learners; each number comes back as an :class:`~mamlab.stats.Estimate`
 (mean ± 95% CI half-width over tasks) and differences between learners as paired estimates.
 
 Divergence: with too large a step (e.g. a support-loss Hessian eigenvalue above 2/α) the inner
 loop blows up on some tasks and their losses dwarf every mean. A task's loss has *diverged* when
 it is not finite or exceeds ``DIVERGENCE_FACTOR`` (100) times the same loss at step 0, before
 adaptation (:func:`diverged`). So next to every loss ``key`` (a list per step/condition, or one
-value), a study also returns ``key_median`` (a :class:`~mamlab.analysis.stats.Median` over all
+value), a study also returns ``key_median`` (a :class:`~mamlab.stats.Median` over all
 tasks, diverged ones counted as +inf, with its distribution-free 95% CI) and ``key_diverged``
 (the number of diverged tasks); paired loss differences get ``key_median`` too.
 
@@ -57,7 +57,13 @@ from mamlab.analysis.representations import (
     representation_layers,
 )
 from mamlab.analysis.similarity import cca_similarity, linear_cka
-from mamlab.analysis.stats import (
+from mamlab.config import TrainConfig
+from mamlab.errors import MamlabError, check_positive
+from mamlab.evaluate import eval_generator
+from mamlab.experiment import accuracy, build_model, is_classification, loss_for
+from mamlab.functional import forward, parameters_of
+from mamlab.losses import per_task_loss
+from mamlab.stats import (
     Estimate,
     Median,
     mean_ci,
@@ -65,12 +71,6 @@ from mamlab.analysis.stats import (
     paired_difference_ci,
     unpaired_difference_ci,
 )
-from mamlab.config import TrainConfig
-from mamlab.errors import MamlabError, check_positive
-from mamlab.evaluate import eval_generator
-from mamlab.experiment import accuracy, build_model, is_classification, loss_for
-from mamlab.functional import forward, parameters_of
-from mamlab.losses import per_task_loss
 from mamlab.tasks.base import TaskBatch, TaskFamily
 from mamlab.tasks.sinusoid import Sinusoid
 

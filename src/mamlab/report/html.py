@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mamlab.analysis.stats import Estimate, Median
 from mamlab.errors import MamlabError
+from mamlab.stats import Estimate, Median
 
 __all__ = ["Figure", "Table", "Section", "Cell", "format_value", "write_report"]
 

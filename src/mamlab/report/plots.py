@@ -8,7 +8,7 @@ figure assigns colours to its methods in sorted name order, so the same set of m
 same colours everywhere.
 
 A value with its confidence interval is a pair ``(mean, half_width)`` (``Estimate.mean`` and
-``Estimate.ci`` from ``mamlab.analysis.stats``); a curve may also be a triple
+``Estimate.ci`` from ``mamlab.stats``); a curve may also be a triple
 ``(centers, lows, highs)`` for asymmetric intervals such as a median's (``Median``), whose
 bounds may be infinite: the band is then clipped to the plotted range.
 """

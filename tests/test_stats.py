@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mamlab.analysis.stats import (
+from mamlab.errors import MamlabError
+from mamlab.stats import (
     Estimate,
     estimate,
     mean_ci,
@@ -16,7 +17,6 @@ from mamlab.analysis.stats import (
     t_quantile,
     unpaired_difference_ci,
 )
-from mamlab.errors import MamlabError
 
 # Student-t quantiles from standard tables (R's qt(), 10 significant digits).
 T_TABLE = [
