@@ -203,11 +203,10 @@ class MAML:
         return self._per_task_loss(self._forward_tasks(params, shared, buffers, xs, path), ys)
 
     # ------------------------------------------------------------------ inner loop
-    def _adapt_together(self, adapted: Params, shared: Params, buffers: Params, xs: torch.Tensor,
+    def _adapt_together(self, params: Params, shared: Params, buffers: Params, xs: torch.Tensor,
                         ys: torch.Tensor, steps: int, lr: float, create_graph: bool,
-                        track_theta: bool, path: str, batched: bool = False) -> Params:
-        """All tasks at once: θ' = θ − α ∇ Σ_i L_i, with θ given a task dimension."""
-        params = dict(adapted) if batched else expand_to_tasks(adapted, xs.shape[0])
+                        track_theta: bool, path: str) -> Params:
+        """All tasks at once: θ'_i = θ_i − α ∇ Σ_j L_j(θ_j); ``params`` carry a task dimension."""
         if not track_theta:
             params = {k: p.clone().requires_grad_(True) for k, p in params.items()}
         for _ in range(steps):
@@ -265,8 +264,7 @@ class MAML:
         path = self.resolved_execution(support_x.device)
         if path != "loop":
             params = self._adapt_together(begin, shared, buffers, support_x, support_y, steps, lr,
-                                          create_graph=False, track_theta=False, path=path,
-                                          batched=True)
+                                          create_graph=False, track_theta=False, path=path)
         else:
             params = stack_params([
                 self._adapt_loop({k: p[i] for k, p in begin.items()}, shared, buffers, support_x[i],
@@ -314,8 +312,9 @@ class MAML:
 
     def _chunk_losses(self, adapted: Params, shared: Params, buffers: Params, batch: TaskBatch,
                       steps: int, create_graph: bool, path: str) -> torch.Tensor:
-        params = self._adapt_together(adapted, shared, buffers, batch.support_x, batch.support_y,
-                                      steps, self.inner_lr, create_graph, track_theta=True, path=path)
+        params = self._adapt_together(expand_to_tasks(adapted, batch.num_tasks), shared, buffers,
+                                      batch.support_x, batch.support_y, steps, self.inner_lr, create_graph,
+                                      track_theta=True, path=path)
         return self._losses_tasks(params, shared, buffers, batch.query_x, batch.query_y, path)
 
     def _one_task_loss(self, adapted: Params, shared: Params, buffers: Params, batch: TaskBatch,
