@@ -49,6 +49,11 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--filters", type=int, default=32)
     parser.add_argument("--meta-batch", type=int, default=8)
+    parser.add_argument("--queries", type=int, default=1, help="query drawings per class in meta-training")
+    parser.add_argument("--meta-lr", type=float, default=0.002)
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--affine", action=argparse.BooleanOptionalAction, default=False,
+                        help="random affine distortion of each training image")
     parser.add_argument("--first-order", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the run in --out")
@@ -65,9 +70,10 @@ def main() -> int:
         seconds = None
     else:
         config = resolve_config("omniglot", None, {
-            "data": str(args.data), "split": "minimal", "ways": 20, "shots": 1, "queries": 1,
+            "data": str(args.data), "split": "minimal", "ways": 20, "shots": 1, "queries": args.queries,
             "inner_steps": 5, "inner_lr": 0.1, "first_order": args.first_order,
-            "meta_batch": args.meta_batch, "meta_lr": 0.002, "filters": args.filters,
+            "meta_batch": args.meta_batch, "meta_lr": args.meta_lr, "lr_schedule": args.lr_schedule,
+            "affine": args.affine, "filters": args.filters,
             "iterations": args.iterations, "val_every": 250, "val_tasks": 16, "checkpoint_every": 250})
         t0 = time.perf_counter()
         run = train(config, args.out, progress=True)

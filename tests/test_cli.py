@@ -70,6 +70,7 @@ BAD = [
     (["train", "sinusoid", "--meta-batch", "0"], "meta_batch must be an integer > 0, got 0"),
     (["train", "cosine"], "unknown task family 'cosine'; allowed: sinusoid, linear-regression"),
     (["train", "sinusoid", "--execution", "gpu"], "unknown execution 'gpu'; allowed: auto, batched"),
+    (["train", "sinusoid", "--lr-schedule", "step"], "unknown lr_schedule 'step'; allowed: constant, cosine"),
     (["train", "sinusoid", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
     (["train", "sinusoid", "--amplitude", "5,1"], "amplitude must be two finite numbers low <= high"),
     (["train", "sinusoid", "--amplitude", "1"], "expected two numbers LOW,HIGH, got '1'"),

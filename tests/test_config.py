@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from mamlab.config import TrainConfig, resolve_config, task_defaults
+from mamlab.config import TrainConfig, meta_lr_at, resolve_config, task_defaults
 from mamlab.errors import MamlabError
 
 
@@ -38,3 +38,12 @@ def test_round_trip_and_unknown_keys() -> None:
 def test_validation(override: dict, match: str) -> None:
     with pytest.raises(MamlabError, match=match):
         resolve_config("sinusoid", None, override)
+
+
+def test_cosine_schedule_runs_from_beta_down_to_zero() -> None:
+    c = resolve_config("sinusoid", None, {"iterations": 100, "meta_lr": 0.01, "lr_schedule": "cosine"})
+    rates = [meta_lr_at(c, i) for i in range(1, 101)]
+    assert rates[0] == 0.01 and all(a > b for a, b in zip(rates[:-1], rates[1:], strict=True))
+    assert rates[50] == pytest.approx(0.005) and 0 < rates[-1] < 1e-5  # iteration 51 is half way
+    constant = resolve_config("sinusoid", None, {"iterations": 100, "meta_lr": 0.01})
+    assert {meta_lr_at(constant, i) for i in (1, 50, 100)} == {0.01}

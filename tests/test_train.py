@@ -153,6 +153,28 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
         assert torch.equal(p, q)
 
 
+def test_cosine_schedule_sets_and_logs_beta_and_resumes_exactly(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "lr_schedule": "cosine", "meta_lr": 0.01})
+    full = train(config, tmp_path / "full", progress=False, echo=lambda s: None)
+    logged = [m["meta_lr"] for m in read_metrics(tmp_path / "full")]
+    assert logged[0] == 0.01 and logged[15] == pytest.approx(0.005) and logged == sorted(logged, reverse=True)
+    # a crash after iteration 10: only the checkpoints up to 10 survive; the resumed run matches
+    train(config, tmp_path / "cut", progress=False, echo=lambda s: None)
+    for name in ("iter_000020", "iter_000030", "latest"):
+        target = tmp_path / "cut" / "checkpoints" / name
+        if target.is_dir():
+            for f in target.iterdir():
+                f.unlink()
+            target.rmdir()
+        else:
+            target.unlink()
+    (tmp_path / "cut" / "model.safetensors").unlink()
+    resumed = train(None, tmp_path / "cut", resume=True, progress=False, echo=lambda s: None)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert [m["meta_lr"] for m in read_metrics(tmp_path / "cut")] == logged
+
+
 @pytest.mark.parametrize("task", ["linear-regression", "linear-classification"])
 def test_linear_tasks_train_and_baseline(tmp_path: Path, task: str) -> None:
     for method in ("maml", "pretrain"):

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--inner-steps", type=int, dest="inner_steps")
     t.add_argument("--meta-lr", type=float, dest="meta_lr", help="β, Adam's learning rate")
     t.add_argument("--first-order", action="store_const", const=True, dest="first_order")
+    t.add_argument("--lr-schedule", dest="lr_schedule",
+                   help="meta learning rate over the run: constant, or cosine (from β down to 0)")
     t.add_argument("--seed", type=int)
     t.add_argument("--execution", help="auto, batched, vmap or loop")
     t.add_argument("--hidden", type=_ints, help="hidden layer sizes, e.g. 40,40")
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--filters", type=int, help="Conv4 filters per layer (64 in the paper)")
     t.add_argument("--no-rotate", action="store_const", const=False, dest="rotate",
                    help="Omniglot: no random 90-degree rotation of training classes")
+    t.add_argument("--affine", action="store_const", const=True,
+                   help="Omniglot: distort each training image by a random affine map")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -173,9 +177,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_choice("task family", args.task, ("sinusoid", "linear-regression", "linear-classification",
                                             "omniglot"))
     keys = ("iterations", "meta_batch", "shots", "queries", "inner_lr", "inner_steps", "meta_lr",
-            "first_order", "seed", "execution", "hidden", "val_every", "val_tasks", "checkpoint_every",
+            "lr_schedule", "first_order", "seed", "execution", "hidden", "val_every", "val_tasks",
+            "checkpoint_every",
             "skip_nonfinite", "deterministic", "amplitude", "phase", "x_range", "dim", "data", "split",
-            "ways", "filters", "rotate")
+            "ways", "filters", "rotate", "affine")
     overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
     if args.baseline:
         overrides["method"] = args.baseline

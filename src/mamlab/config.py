@@ -17,10 +17,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "TASKS", "METHODS", "resolve_config", "load_toml", "task_defaults"]
+__all__ = ["TrainConfig", "TASKS", "METHODS", "resolve_config", "load_toml", "task_defaults",
+           "meta_lr_at", "SCHEDULES"]
 
 TASKS = ("sinusoid", "linear-regression", "linear-classification", "omniglot")
 METHODS = ("maml", "pretrain")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TrainConfig:
     inner_lr: float = 0.01
     inner_steps: int = 1
     meta_lr: float = 0.001
+    lr_schedule: str = "constant"  # or "cosine": β·(1 + cos(π·(i-1)/iterations))/2 at iteration i
     first_order: bool = False
     seed: int = 0
     execution: str = "auto"
@@ -61,6 +64,7 @@ class TrainConfig:
     downsample: str = "pool"
     filters: int = 64
     rotate: bool = True  # augmentation: each training class turned by a random multiple of 90 degrees
+    affine: bool = False  # augmentation: each training image distorted by a random affine map
     validation_fraction: float = 0.1  # meta-training characters held out for periodic validation
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +85,7 @@ class TrainConfig:
         check_choice("task", self.task, TASKS)
         check_choice("method", self.method, METHODS)
         check_choice("execution", self.execution, EXECUTIONS)
+        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         for name in ("iterations", "meta_batch", "shots", "queries", "inner_steps", "val_every",
                      "val_tasks", "checkpoint_every", "dim", "ways", "filters"):
             check_positive(name, getattr(self, name), integer=True)
@@ -105,6 +110,13 @@ class TrainConfig:
         if self.task == "omniglot" and not self.data:
             raise MamlabError("omniglot needs --data PATH: a folder or zip of the Omniglot release")
         return self
+
+
+def meta_lr_at(config: TrainConfig, iteration: int) -> float:
+    """The meta learning rate β of iteration ``iteration`` (1-based) under ``config.lr_schedule``."""
+    if config.lr_schedule == "cosine":
+        return config.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / config.iterations))
+    return config.meta_lr
 
 
 def task_defaults(task: str, ways: int | None = None) -> dict[str, Any]:

@@ -42,13 +42,13 @@ def omniglot(config: TrainConfig):  # -> mamlab.tasks.omniglot.Omniglot
     from mamlab.tasks.omniglot import Omniglot
 
     key = (str(Path(config.data).resolve()), config.split, config.seed, config.rotate,
-           config.validation_fraction)
+           config.validation_fraction, config.affine)
     if key not in _OMNIGLOT_CACHE:
         root = Path(config.data)
         if root.is_file():  # a path to one of the archives: use the folder holding it
             root = root.parent
         _OMNIGLOT_CACHE[key] = Omniglot(root, config.split, config.ways, seed=config.seed,
-                                        rotate=config.rotate,
+                                        rotate=config.rotate, affine=config.affine,
                                         validation_fraction=config.validation_fraction)
     return _OMNIGLOT_CACHE[key]
 

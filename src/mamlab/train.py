@@ -41,7 +41,7 @@ from mamlab.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from mamlab.config import TrainConfig
+from mamlab.config import TrainConfig, meta_lr_at
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiment import build_family, build_model, loss_for
@@ -272,8 +272,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 log.log(it, meta_loss=value, skipped=skipped)
                 bar.update(1)
                 continue
+            for group in optimizer.param_groups:
+                group["lr"] = meta_lr_at(config, it)
             optimizer.step()
             last = {"meta_loss": value, "skipped": skipped}
+            if config.lr_schedule != "constant":
+                last["meta_lr"] = optimizer.param_groups[0]["lr"]
             if it % config.val_every == 0 or it == config.iterations:
                 last.update(validate())
             log.log(it, **last)

@@ -14,8 +14,10 @@ from mamlab.tasks.omniglot import (
     CharacterPool,
     Omniglot,
     OmniglotTasks,
+    affine_warp,
     download,
     load_characters,
+    random_affine,
     safe_extract,
 )
 
@@ -280,6 +282,54 @@ def test_omniglot_samples_meta_training_tasks(omniglot_zips, tmp_path):
     b = o.sample(3, 1, 2, gen())
     assert b.support_x.shape == (3, 4, 1, 28, 28) and b.query_y.shape == (3, 8)
     assert o.tasks("train").rotate and not o.tasks("test").rotate
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+
+def test_affine_warp_matches_exact_pixel_operations():
+    x = torch.rand(3, 1, 28, 28, generator=gen())
+    none, ones = torch.zeros(3, 2), torch.ones(3, 2)
+    zero = torch.zeros(3)
+    assert torch.allclose(affine_warp(x, zero, none, ones, none), x, atol=1e-5)
+    right = torch.zeros_like(x)
+    right[..., 2:] = x[..., :-2]  # 2 pixels right, zeros come in
+    assert torch.allclose(affine_warp(x, zero, none, ones, torch.tensor([[2.0, 0.0]] * 3)), right, atol=1e-5)
+    up = torch.zeros_like(x)
+    up[..., :-3, :] = x[..., 3:, :]
+    assert torch.allclose(affine_warp(x, zero, none, ones, torch.tensor([[0.0, -3.0]] * 3)), up, atol=1e-5)
+    quarter = affine_warp(x, torch.full((3,), torch.pi / 2), none, ones, none)
+    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5)  # counter-clockwise
+    mirrored = affine_warp(x, zero, none, torch.tensor([[-1.0, 1.0]] * 3), none)
+    assert torch.allclose(mirrored, torch.flip(x, dims=(-1,)), atol=1e-5)
+
+
+def test_random_affine_is_seeded_per_image_and_in_range():
+    x = torch.zeros(64, 1, 28, 28)
+    x[..., 10:18, 10:18] = 1.0  # a centred square
+    a, b = random_affine(x, gen(1)), random_affine(x, gen(1))
+    assert torch.equal(a, b) and not torch.equal(a, random_affine(x, gen(2)))
+    assert len({tuple(img.flatten().tolist()) for img in a}) == 64  # each image its own map
+    ink = a.sum((1, 2, 3)) / x[0].sum()  # area changes by |det| = scale_x*scale_y*(1 - shear_x*shear_y)
+    assert bool((ink > 0.8 * 0.8 * (1 - 0.09) - 0.05).all()) and bool((ink < 1.2 * 1.2 + 0.05).all())
+    # the centre of mass moves by at most the shift plus what the linear part does to an off-centre grid
+    ys = torch.arange(28.0).view(1, 28, 1)
+    centre = (a[:, 0] * ys).sum((1, 2)) / a[:, 0].sum((1, 2))
+    assert bool(((centre - 13.5).abs() < 2.6).all())
+
+
+def test_affine_augments_training_tasks_only(omniglot_zips, tmp_path):
+    plain = Omniglot(omniglot_zips, "background", ways=4, cache_dir=tmp_path)
+    warped = Omniglot(omniglot_zips, "background", ways=4, affine=True, cache_dir=tmp_path)
+    assert warped.tasks("train").affine and not warped.tasks("test").affine
+    a, b = plain.sample(3, 1, 2, gen()), warped.sample(3, 1, 2, gen())
+    assert torch.equal(a.support_y, b.support_y) and torch.equal(a.query_y, b.query_y)
+    assert not torch.allclose(a.support_x, b.support_x)
+    # the same drawings, distorted: each augmented image is closest to its own source image
+    source, image = a.query_x.flatten(0, 1).flatten(1), b.query_x.flatten(0, 1).flatten(1)
+    similarity = torch.nn.functional.normalize(image, dim=1) @ torch.nn.functional.normalize(source, dim=1).T
+    off = (similarity.sum() - similarity.diagonal().sum()) / (len(similarity) ** 2 - len(similarity))
+    assert float(similarity.diagonal().mean()) > 0.5 and float(similarity.diagonal().mean()) > float(off) + 0.2
 
 
 # ---------------------------------------------------------------------------------------------- download

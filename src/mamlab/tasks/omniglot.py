@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -389,15 +390,16 @@ class OmniglotTasks:
         rotation_classes: rotations by 90, 180 and 270 degrees are extra classes (4x the classes).
         within_groups: all classes of a task come from one group (alphabet, or one-shot run),
             picked uniformly among the groups with at least ``ways`` classes.
+        affine: augmentation: distort every image by its own random affine map (see :func:`random_affine`).
     """
 
     kind = "classification"
     name = "omniglot"
 
     def __init__(self, pool: CharacterPool, ways: int = 5, *, rotate: bool = False,
-                 rotation_classes: bool = False, within_groups: bool = False) -> None:
+                 rotation_classes: bool = False, within_groups: bool = False, affine: bool = False) -> None:
         check_positive("ways", ways, integer=True)
-        self.pool, self.ways = pool, int(ways)
+        self.pool, self.ways, self.affine = pool, int(ways), bool(affine)
         self.rotate, self.rotation_classes, self.within_groups = bool(rotate), bool(rotation_classes), \
             bool(within_groups)
         self.in_channels, self.image_size = 1, pool.images.shape[-1]
@@ -461,13 +463,61 @@ class OmniglotTasks:
             return x.view(t * n, r.shape[-1], h, w)
 
         support, query = gather(rows[..., :shots]), gather(rows[..., shots:])
+        if self.affine:
+            support, query = (random_affine(x.flatten(0, 1).unsqueeze(1), generator).view_as(x)
+                              for x in (support, query))
         y = torch.arange(n).view(1, n, 1)
         return TaskBatch(support.view(t, n * shots, 1, h, w), y.expand(t, n, shots).reshape(t, n * shots),
                          query.view(t, n * queries, 1, h, w), y.expand(t, n, queries).reshape(t, n * queries))
 
     def __repr__(self) -> str:
         return (f"OmniglotTasks(classes={self.num_classes}, drawings={self.pool.num_drawings}, "
-                f"ways={self.ways}, rotate={self.rotate}, within_groups={self.within_groups})")
+                f"ways={self.ways}, rotate={self.rotate}, within_groups={self.within_groups}, "
+                f"affine={self.affine})")
+
+
+#: Ranges of :func:`random_affine`, as in Koch et al.'s Siamese networks for Omniglot (2015).
+AFFINE_RANGES = {"rotation_degrees": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "shift_pixels": 2.0}
+
+
+def affine_warp(images: torch.Tensor, angle: torch.Tensor, shear: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor) -> torch.Tensor:
+    """Warp each image ``[B, 1, H, W]`` by x -> R(angle) S(shear) diag(scale) x + shift (bilinear, zero fill).
+
+    Per image: ``angle [B]`` in radians (counter-clockwise as displayed), ``shear [B, 2]`` (x, y),
+    ``scale [B, 2]`` (x, y) and ``shift [B, 2]`` in pixels (x right, y down). One
+    ``affine_grid``/``grid_sample`` call for the batch.
+    """
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # grid coordinates have y pointing down, so a counter-clockwise turn as displayed is R(-angle)
+    rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    shearing = torch.eye(2, dtype=images.dtype).repeat(b, 1, 1)
+    shearing[:, 0, 1], shearing[:, 1, 0] = shear[:, 0], shear[:, 1]
+    linear = rotation @ shearing @ torch.diag_embed(scale)
+    offset = shift * torch.tensor([2.0 / w, 2.0 / h], dtype=images.dtype)  # the image spans [-1, 1]
+    # affine_grid maps output to input coordinates: invert the forward map x -> A x + t
+    inverse = torch.linalg.inv(linear)
+    theta = torch.cat([inverse, -(inverse @ offset.unsqueeze(-1))], -1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)
+
+
+def random_affine(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Distort each image ``[B, 1, H, W]`` by its own random affine map (:func:`affine_warp`).
+
+    Rotation uniform in ±10 degrees, shear ±0.3 in x and y, scale 0.8-1.2 in x and y
+    independently, shift ±2 pixels in x and y: the ranges of :data:`AFFINE_RANGES`.
+    """
+    b, r = images.shape[0], AFFINE_RANGES
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, *shape, generator=generator, dtype=images.dtype)
+
+    angle = uniform(1.0, -1.0) * math.radians(r["rotation_degrees"])
+    shear, scale = uniform(-r["shear"], r["shear"], 2), uniform(*r["scale"], 2)
+    return affine_warp(images, angle, shear, scale, uniform(-1.0, 1.0, 2) * r["shift_pixels"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +553,7 @@ class Omniglot:
         seed: seeds the ``vinyals`` shuffle and the validation hold-out.
         image_size: side of the square images (28).
         rotate: random multiple-of-90-degree rotation per class, for meta-training tasks only.
+        affine: random affine distortion per image (:func:`random_affine`), for meta-training tasks only.
         rotation_classes: rotations as extra classes in every part (default: only for ``vinyals``).
         within_alphabet: train/validation/test tasks take all classes from one alphabet
             (``minimal``'s test tasks always come from one run).
@@ -517,8 +568,8 @@ class Omniglot:
     def __init__(self, root: str | Path | None = None, split: str = "background", ways: int = 5, *,
                  validation_fraction: float = 0.0, seed: int = 0, image_size: int = 28,
                  rotate: bool = False, rotation_classes: bool | None = None, within_alphabet: bool = False,
-                 num_train: int | None = None, cache_dir: str | Path | None = None, cache: bool = True,
-                 download: bool = False) -> None:
+                 affine: bool = False, num_train: int | None = None, cache_dir: str | Path | None = None,
+                 cache: bool = True, download: bool = False) -> None:
         check_choice("split", split, SPLITS)
         check_positive("ways", ways, integer=True)
         check_positive("image_size", image_size, integer=True)
@@ -528,7 +579,7 @@ class Omniglot:
             check_positive("num_train", num_train, integer=True)
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.split, self.ways, self.seed = split, int(ways), int(seed)
-        self.rotate, self.within_alphabet = bool(rotate), bool(within_alphabet)
+        self.rotate, self.within_alphabet, self.affine = bool(rotate), bool(within_alphabet), bool(affine)
         self.rotation_classes = split == "vinyals" if rotation_classes is None else bool(rotation_classes)
         if not self.root.is_dir():
             if not download:
@@ -580,7 +631,8 @@ class Omniglot:
         return OmniglotTasks(pool, self.ways if ways is None else ways,
                              rotate=self.rotate and part == "train",
                              rotation_classes=self.rotation_classes and not runs,
-                             within_groups=runs or self.within_alphabet)
+                             within_groups=runs or self.within_alphabet,
+                             affine=self.affine and part == "train")
 
     def sample(self, num_tasks: int, shots: int, queries: int,
                generator: torch.Generator | None = None) -> TaskBatch:
