@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="meta-test a trained run on held-out tasks",
                        description="Adapt the run's model to held-out tasks from a seeded evaluation "
-                       "stream and report the query loss (and accuracy) with 95%% confidence intervals.")
+                       "stream and report the query loss (and accuracy) with 95% confidence intervals.")
     e.add_argument("run", type=Path, help="run directory")
     e.add_argument("--shots", type=int, help="support examples per task (default: the run's)")
     e.add_argument("--queries", type=int, help="query examples per task (default: the run's)")
