@@ -1,115 +1,219 @@
-"""Training configuration: one dataclass, task-specific defaults from the papers, TOML files, validation."""
+"""A run's configuration in three parts: run options, task options, algorithm options.
+
+* **Run options** (``RUN_OPTIONS``) apply to every run: iterations, meta-batch, shots, the meta
+  learning rate, seeds, checkpoints, device, precision.
+* **Task options** are declared by the task family (``mamlab.experiments``): sinusoid ranges,
+  Omniglot's data and N-way, the model's size.
+* **Algorithm options** are declared by the algorithm (``mamlab.algorithms.registry``): the inner
+  step size, inner steps, first order, ANIL's head.
+
+Values come, lowest first, from the options' defaults, the task's papers' settings, a TOML file
+(``--config``, or a packaged preset, ``--preset``) and command-line flags. A key that belongs to
+another task or algorithm than the chosen ones is a one-line error. ``config.json`` in a run
+directory holds ``{"format": 2, "task", "algorithm", "run", "task_options", "algorithm_options"}``;
+the flat files of mamlab 0.1.0 still load.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mamlab.algorithms.maml import EXECUTIONS
-from mamlab.errors import MamlabError, check_choice, check_positive
+from mamlab.algorithms.registry import ALGORITHMS, algorithm_spec
+from mamlab.core.execution import EXECUTIONS
+from mamlab.errors import MamlabError
+from mamlab.experiments import TASKS, task_spec
+from mamlab.options import Option, check_options
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "TASKS", "METHODS", "resolve_config", "load_toml", "task_defaults",
-           "meta_lr_at", "SCHEDULES"]
+__all__ = ["TrainConfig", "RUN_OPTIONS", "RESUMABLE_OPTIONS", "SCHEDULES", "PRECISIONS", "CONFIG_FORMAT",
+           "resolve_config", "load_toml", "meta_lr_at", "presets", "load_preset", "option_owner"]
 
-TASKS = ("sinusoid", "linear-regression", "linear-classification", "omniglot")
-METHODS = ("maml", "pretrain")
+CONFIG_FORMAT = 2
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+RUN_OPTIONS: tuple[Option, ...] = (
+    Option("iterations", "int", 70000, "meta-training iterations", positive=True),
+    Option("meta_batch", "int", 25, "tasks per meta-batch", positive=True),
+    Option("shots", "int", 10, "support examples per task (per class for classification)", positive=True),
+    Option("queries", "int", 10, "query examples per task (per class for classification)", positive=True),
+    Option("meta_lr", "float", 0.001, "β, Adam's learning rate", positive=True),
+    Option("lr_schedule", "str", "constant", "meta learning rate over the run: constant, or cosine "
+           "(from β down to 0)", choices=SCHEDULES),
+    Option("seed", "int", 0, "seed of the initialization, the task stream and validation tasks",
+           positive="nonnegative"),
+    Option("execution", "str", "auto", "how tasks run: auto, batched, vmap or loop", choices=EXECUTIONS),
+    Option("task_chunk", "int", None, "tasks run together on the batched paths (bounds memory)",
+           positive=True, nullable=True),
+    Option("val_every", "int", 1000, "validate every N iterations", positive=True),
+    Option("val_tasks", "int", 100, "validation tasks", positive=True),
+    Option("checkpoint_every", "int", 1000, "checkpoint every N iterations", positive=True),
+    Option("skip_nonfinite", "bool", False, "skip meta-batches with a non-finite loss or gradient "
+           "instead of stopping"),
+    Option("deterministic", "bool", False, "use torch's deterministic algorithms"),
+    Option("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda or cuda:N"),
+    Option("precision", "str", "fp32", "fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast)",
+           choices=PRECISIONS),
+)
+_RUN = {o.name: o for o in RUN_OPTIONS}
+#: Run options that ``mamlab train --resume`` may change; the others are fixed by the run.
+RESUMABLE_OPTIONS = ("iterations", "device", "precision", "val_every", "checkpoint_every", "execution",
+                     "task_chunk")
+
+
+def option_owner(key: str) -> list[str]:
+    """Where a key belongs: ``["run"]``, ``["task sinusoid"]``, ``["algorithm maml", ...]`` or ``[]``."""
+    if key in _RUN:
+        return ["run"]
+    owners = [f"task {n}" for n, s in TASKS.items() if any(o.name == key for o in s.options)]
+    owners += [f"algorithm {n}" for n, s in ALGORITHMS.items() if any(o.name == key for o in s.options)]
+    return owners
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; saved as ``config.json`` in the run directory."""
+    """Everything that defines a training run; saved as ``config.json`` in the run directory.
+
+    Run options are attributes; the chosen task's and algorithm's options live in
+    ``task_options`` and ``algorithm_options`` and read as attributes too (``config.ways``,
+    ``config.inner_lr``) when the task or algorithm has them.
+    """
 
     task: str = "sinusoid"
-    method: str = "maml"  # "maml", or "pretrain": one network trained on all tasks (Finn et al.'s baseline)
+    algorithm: str = "maml"
     iterations: int = 70000
     meta_batch: int = 25
     shots: int = 10
     queries: int = 10
-    inner_lr: float = 0.01
-    inner_steps: int = 1
     meta_lr: float = 0.001
-    lr_schedule: str = "constant"  # or "cosine": β·(1 + cos(π·(i-1)/iterations))/2 at iteration i
-    first_order: bool = False
+    lr_schedule: str = "constant"
     seed: int = 0
     execution: str = "auto"
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    task_chunk: int | None = None
     val_every: int = 1000
     val_tasks: int = 100
     checkpoint_every: int = 1000
     skip_nonfinite: bool = False
     deterministic: bool = False
-    # sinusoid
-    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
-    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
-    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
-    noise: float = 0.0
-    # linear
-    dim: int = 5
-    weight_mean: float = 0.0
-    weight_std: float = 1.0
-    # omniglot
-    data: str | None = None
-    split: str = "minimal"
-    ways: int = 5
-    downsample: str = "pool"
-    filters: int = 64
-    rotate: bool = True  # augmentation: each training class turned by a random multiple of 90 degrees
-    affine: bool = False  # augmentation: each training image distorted by a random affine map
-    validation_fraction: float = 0.1  # meta-training characters held out for periodic validation
+    device: str = "auto"
+    precision: str = "fp32"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: the task's and the algorithm's options
+        if name.startswith("__") or name in ("task_options", "algorithm_options"):
+            raise AttributeError(name)
+        for part in ("task_options", "algorithm_options"):
+            values = self.__dict__.get(part, {})
+            if name in values:
+                return values[name]
+        raise AttributeError(f"{name!r} is not an option of task {self.__dict__.get('task')!r} "
+                             f"or algorithm {self.__dict__.get('algorithm')!r}")
+
+    @property
+    def method(self) -> str:
+        """How the network was trained, in mamlab 0.1.0's words: ``"pretrain"`` or ``"maml"``."""
+        return "pretrain" if self.algorithm == "pretrain" else "maml"
+
+    def run_options(self) -> dict[str, Any]:
+        """The run options as a dict."""
+        return {o.name: getattr(self, o.name) for o in RUN_OPTIONS}
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The configuration as a JSON-ready dict (the ``config.json`` format)."""
+        return {"format": CONFIG_FORMAT, "task": self.task, "algorithm": self.algorithm,
+                "run": self.run_options(), "task_options": dict(self.task_options),
+                "algorithm_options": dict(self.algorithm_options)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Build from a dict, refusing unknown keys with a one-line error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a ``config.json`` dict (format 2, or mamlab 0.1.0's flat one) and validate."""
+        if "format" not in values:
+            return _from_v0(values, source)
+        if values.get("format") != CONFIG_FORMAT:
+            raise MamlabError(f"{source}: config format {values.get('format')!r} is not supported; "
+                              f"this mamlab reads format {CONFIG_FORMAT} and mamlab 0.1.0's")
+        unknown = sorted(set(values) - {"format", "task", "algorithm", "run", "task_options",
+                                         "algorithm_options"})
         if unknown:
-            raise MamlabError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
-        return cls(**values)
+            raise MamlabError(f"{source}: unknown key {unknown[0]!r}")
+        for part in ("run", "task_options", "algorithm_options"):
+            if not isinstance(values.get(part, {}), dict):
+                raise MamlabError(f"{source}: {part} must be a table of options")
+        return _build(values.get("task"), values.get("algorithm"), values.get("run", {}),
+                      values.get("task_options", {}), values.get("algorithm_options", {}), source)
 
     def validate(self) -> TrainConfig:
-        """Raise MamlabError on the first bad value; return self."""
-        check_choice("task", self.task, TASKS)
-        check_choice("method", self.method, METHODS)
-        check_choice("execution", self.execution, EXECUTIONS)
-        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
-        for name in ("iterations", "meta_batch", "shots", "queries", "inner_steps", "val_every",
-                     "val_tasks", "checkpoint_every", "dim", "ways", "filters"):
-            check_positive(name, getattr(self, name), integer=True)
-        for name in ("inner_lr", "meta_lr"):
-            check_positive(name, getattr(self, name))
-        check_positive("noise", self.noise, allow_zero=True)
-        check_positive("weight_std", self.weight_std, allow_zero=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise MamlabError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not isinstance(self.hidden, list) or not all(isinstance(h, int) and h > 0 for h in self.hidden):
-            raise MamlabError(f"hidden must be a list of positive integers, got {self.hidden!r}")
-        for name in ("amplitude", "phase", "x_range"):
-            pair = getattr(self, name)
-            if (not isinstance(pair, list | tuple) or len(pair) != 2
-                    or not all(isinstance(v, int | float) and math.isfinite(v) for v in pair)
-                    or pair[0] > pair[1]):
-                raise MamlabError(f"{name} must be two finite numbers low <= high, got {pair!r}")
-        check_choice("downsample", self.downsample, ("pool", "stride"))
-        check_choice("split", self.split, ("minimal", "vinyals", "background"))
-        if not 0.0 < float(self.validation_fraction) < 1.0:
-            raise MamlabError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
-        if self.task == "omniglot" and not self.data:
-            raise MamlabError("omniglot needs --data PATH: a folder or zip of the Omniglot release")
+        """Check every option (one-line MamlabError on the first bad value); return self."""
+        checked = _build(self.task, self.algorithm, self.run_options(), self.task_options,
+                         self.algorithm_options, "config")
+        self.__dict__.update(checked.__dict__)
         return self
+
+    def with_options(self, **values: Any) -> TrainConfig:
+        """A copy with some options changed, wherever they belong (run, task or algorithm)."""
+        run, task, algo = self.run_options(), dict(self.task_options), dict(self.algorithm_options)
+        for key, value in values.items():
+            target = run if key in _RUN else task if key in task else algo if key in algo else None
+            if target is None:
+                raise MamlabError(f"{key!r} is not an option of task {self.task!r} or algorithm "
+                                  f"{self.algorithm!r}")
+            target[key] = value
+        return _build(self.task, self.algorithm, run, task, algo, "config")
+
+
+def _build(task: Any, algorithm: Any, run: Mapping[str, Any], task_options: Mapping[str, Any],
+           algorithm_options: Mapping[str, Any], source: str) -> TrainConfig:
+    if not isinstance(task, str):
+        raise MamlabError(f"{source}: task must be one of {', '.join(TASKS)}, got {task!r}")
+    spec = task_spec(task)
+    if not isinstance(algorithm, str):
+        raise MamlabError(f"{source}: algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    algo = algorithm_spec(algorithm)
+    run_values = check_options(run, RUN_OPTIONS, "a run", source)
+    task_values = check_options(task_options, spec.options, f"task {task!r}", source)
+    algo_values = check_options(algorithm_options, algo.options, f"algorithm {algorithm!r}", source)
+    spec.check(task_values)
+    config = TrainConfig(task=task, algorithm=algorithm, task_options=task_values,
+                         algorithm_options=algo_values, **run_values)
+    _check_device_name(config.device, source)
+    return config
+
+
+def _check_device_name(device: str, source: str) -> None:
+    """The form of a device name (whether it exists here is checked when a run starts)."""
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    if not ok:
+        prefix = f"{source}: " if source else ""
+        raise MamlabError(f"{prefix}device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _from_v0(values: Mapping[str, Any], source: str) -> TrainConfig:
+    """mamlab 0.1.0's flat ``config.json``: every task's keys, ``method`` and ``first_order``."""
+    values = dict(values)
+    task = values.get("task", "sinusoid")
+    method = values.pop("method", "maml")
+    if method not in ("maml", "pretrain"):
+        raise MamlabError(f"{source}: unknown method {method!r}; allowed: maml, pretrain")
+    spec = task_spec(task)
+    task_keys = {o.name for o in spec.options}
+    algorithm = "pretrain" if method == "pretrain" else "maml"
+    algo_keys = {o.name for o in algorithm_spec(algorithm).options}
+    run = {k: v for k, v in values.items() if k in _RUN}
+    task_options = {k: v for k, v in values.items() if k in task_keys}
+    algorithm_options = {k: v for k, v in values.items() if k in algo_keys}
+    return _build(task, algorithm, run, task_options, algorithm_options, source)
 
 
 def meta_lr_at(config: TrainConfig, iteration: int) -> float:
@@ -117,27 +221,6 @@ def meta_lr_at(config: TrainConfig, iteration: int) -> float:
     if config.lr_schedule == "cosine":
         return config.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / config.iterations))
     return config.meta_lr
-
-
-def task_defaults(task: str, ways: int | None = None) -> dict[str, Any]:
-    """The papers' settings for a task (Finn et al. 2017); for Omniglot they depend on N-way."""
-    if task == "sinusoid":
-        return {"meta_batch": 25, "shots": 10, "queries": 10, "inner_lr": 0.01, "inner_steps": 1,
-                "meta_lr": 0.001, "iterations": 70000, "hidden": [40, 40]}
-    if task in ("linear-regression", "linear-classification"):
-        return {"meta_batch": 25, "shots": 10, "queries": 10, "inner_lr": 0.05, "inner_steps": 1,
-                "meta_lr": 0.01, "iterations": 2000, "hidden": [], "val_every": 200,
-                "checkpoint_every": 500}
-    if task == "omniglot":
-        if (ways or 5) >= 20:
-            return {"ways": ways, "meta_batch": 16, "shots": 1, "queries": 1, "inner_lr": 0.1,
-                    "inner_steps": 5, "meta_lr": 0.001, "iterations": 60000, "val_every": 500,
-                    "val_tasks": 32, "checkpoint_every": 500}
-        return {"ways": ways or 5, "meta_batch": 32, "shots": 1, "queries": 1, "inner_lr": 0.4,
-                "inner_steps": 1, "meta_lr": 0.001, "iterations": 60000, "val_every": 500,
-                "val_tasks": 32, "checkpoint_every": 500}
-    check_choice("task", task, TASKS)
-    return {}
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -152,16 +235,96 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise MamlabError(f"config file {str(p)!r} is not valid TOML: {str(e).splitlines()[0]}") from None
 
 
-def resolve_config(task: str, file_values: dict[str, Any] | None = None,
-                   overrides: dict[str, Any] | None = None, source: str = "config") -> TrainConfig:
-    """Task defaults, then values from a TOML file, then explicit overrides (CLI flags), validated."""
+def presets() -> dict[str, str]:
+    """The packaged presets: name → the first line of its description."""
+    out = {}
+    for entry in sorted(resources.files("mamlab.presets").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The values of a packaged preset (``mamlab train --preset NAME``)."""
+    available = presets()
+    if name not in available:
+        raise MamlabError(f"unknown preset {name!r}; allowed: {', '.join(available)}")
+    return tomllib.loads(resources.files("mamlab.presets").joinpath(f"{name}.toml").read_text())
+
+
+def _flatten(values: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
+                                                               dict[str, Any]]:
+    """Split file values into (top-level, run, task, algorithm) parts; flat keys go to top-level."""
+    top = {k: v for k, v in values.items() if k not in ("run", "task_options", "algorithm_options", "format")}
+    parts = []
+    for part in ("run", "task_options", "algorithm_options"):
+        v = values.get(part, {})
+        if not isinstance(v, dict):
+            raise MamlabError(f"{source}: [{part}] must be a table of options")
+        parts.append(dict(v))
+    return top, parts[0], parts[1], parts[2]
+
+
+def resolve_config(task: str, file_values: Mapping[str, Any] | None = None,
+                   overrides: Mapping[str, Any] | None = None, source: str = "config",
+                   algorithm: str | None = None) -> TrainConfig:
+    """Defaults, the task's papers' settings, a file's values, then explicit overrides, validated.
+
+    Args:
+        task: the task family's name.
+        file_values: values from a TOML file or preset: flat keys, and/or ``[run]``,
+            ``[task_options]``, ``[algorithm_options]`` tables (a ``config.json`` also works).
+        overrides: flat keys from the command line (``None`` values are ignored). ``method =
+            "pretrain"`` (mamlab 0.1.0's key) means ``algorithm = "pretrain"``.
+        source: names the file in error messages.
+        algorithm: the algorithm (else the file's or the override's, else ``"maml"``).
+    """
     file_values = dict(file_values or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    check_choice("task", task, TASKS)
-    file_task = file_values.pop("task", task)
+    spec = task_spec(task)
+    top, run, task_opts, algo_opts = _flatten(file_values, source)
+    file_task = top.pop("task", task)
     if file_task != task:
         raise MamlabError(f"{source}: task {file_task!r} does not match the command's task {task!r}")
-    TrainConfig.from_dict(file_values, source)  # unknown keys
-    ways = overrides.get("ways", file_values.get("ways"))
-    values = {"task": task, **task_defaults(task, ways), **file_values, **overrides}
-    return TrainConfig.from_dict(values, source).validate()
+    if "method" in top:  # mamlab 0.1.0's files
+        method = top.pop("method")
+        if method not in ("maml", "pretrain"):
+            raise MamlabError(f"{source}: unknown method {method!r}; allowed: maml, pretrain")
+        top.setdefault("algorithm", "pretrain" if method == "pretrain" else "maml")
+    if "method" in overrides:
+        overrides.setdefault("algorithm", "pretrain" if overrides.pop("method") == "pretrain" else "maml")
+    name = algorithm or overrides.pop("algorithm", None) or top.pop("algorithm", None) or "maml"
+    top.pop("algorithm", None)
+    if not isinstance(name, str):
+        raise MamlabError(f"{source}: algorithm must be a name, got {name!r}")
+    algo = algorithm_spec(name)
+    task_keys = {o.name for o in spec.options}
+    algo_keys = {o.name for o in algo.options}
+
+    def route(values: Mapping[str, Any], where: str) -> None:
+        for key, value in values.items():
+            if key in _RUN:
+                run[key] = value
+            elif key in task_keys:
+                task_opts[key] = value
+            elif key in algo_keys:
+                algo_opts[key] = value
+            else:
+                owners = option_owner(key)
+                if owners:
+                    raise MamlabError(f"{where}option {key!r} applies to {' and '.join(owners)}, not to task "
+                                      f"{task!r} with algorithm {name!r}")
+                raise MamlabError(f"{where}unknown option {key!r}")
+
+    route(top, f"{source}: ")
+    file_run, file_task_opts, file_algo_opts = dict(run), dict(task_opts), dict(algo_opts)
+    run, task_opts, algo_opts = {}, {}, {}
+    route(overrides, "")
+    # task options first: the papers' defaults depend on them (Omniglot's N-way)
+    task_values = check_options({**file_task_opts, **task_opts}, spec.options, f"task {task!r}", source)
+    defaults = spec.defaults(task_values)
+    run_defaults = {k: v for k, v in defaults.items() if k in _RUN}
+    algo_defaults = {k: v for k, v in defaults.items() if k in algo_keys}
+    return _build(task, name, {**run_defaults, **file_run, **run}, task_values,
+                  {**algo_defaults, **file_algo_opts, **algo_opts}, source)

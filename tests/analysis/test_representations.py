@@ -10,7 +10,7 @@ from mamlab.analysis.representations import (
     representation_layers,
 )
 from mamlab.errors import MamlabError
-from mamlab.functional import parameters_of
+from mamlab.core.params import parameters_of
 from mamlab.models import MLP, Conv4
 
 

@@ -1,5 +1,11 @@
-"""Meta-learning algorithms: MAML (second and first order)."""
+"""Meta-learning algorithms under one contract (``MetaAlgorithm``), and the registry of their names."""
 
+from mamlab.algorithms.anil import ANIL, head_parameters
+from mamlab.algorithms.base import InnerLoopAlgorithm, MetaAlgorithm
 from mamlab.algorithms.maml import EXECUTIONS, MAML, default_execution
+from mamlab.algorithms.pretrain import Pretrain
+from mamlab.algorithms.registry import ALGORITHMS, AlgorithmSpec, algorithm_spec, build_algorithm
 
-__all__ = ["MAML", "EXECUTIONS", "default_execution"]
+__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "Pretrain", "head_parameters",
+           "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm", "EXECUTIONS",
+           "default_execution"]

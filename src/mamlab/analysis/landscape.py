@@ -1,6 +1,6 @@
 """Loss-landscape probes: Hessian-vector products, the top Hessian eigenvalue, inner-loop gradients.
 
-A loss here is a function of a parameter dict (``mamlab.functional.Params``), e.g.
+A loss here is a function of a parameter dict (``mamlab.core.params.Params``), e.g.
 ``lambda p: loss_fn(forward(model, p, x), y)``. Hessian-vector products use autograd's double
 backward (Pearlmutter's trick): the gradient graph is built once, then every product H·v is one
 more backward pass through it, never forming H.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mamlab.errors import MamlabError, check_choice, check_positive
-from mamlab.functional import Params, forward, parameters_of, sgd_step
+from mamlab.core.params import Params, forward, parameters_of, sgd_step
 
 __all__ = [
     "HessianEigen",

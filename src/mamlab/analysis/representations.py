@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mamlab.errors import MamlabError
-from mamlab.functional import buffers_of, forward
+from mamlab.core.params import buffers_of, forward
 
 __all__ = ["LAYER_TYPES", "representation_layers", "parametrized_layers", "head_parameter_names",
            "layer_label", "capture_representations", "relative_parameter_change"]

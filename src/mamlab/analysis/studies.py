@@ -61,8 +61,8 @@ from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
 from mamlab.experiment import accuracy, build_model, is_classification, loss_for
-from mamlab.functional import forward, parameters_of
-from mamlab.losses import per_task_loss
+from mamlab.core.params import forward, parameters_of
+from mamlab.core.losses import per_task_loss
 from mamlab.stats import (
     Estimate,
     Median,

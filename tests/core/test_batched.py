@@ -1,6 +1,6 @@
 import torch
 
-from mamlab.batched import batched_forward, plan_for
+from mamlab.core.batched import batched_forward, plan_for
 from mamlab.models import Conv4
 
 

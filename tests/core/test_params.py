@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from mamlab.functional import (
+from mamlab.core.params import (
     buffers_of,
     expand_to_tasks,
     forward,

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from mamlab.losses import per_task_loss
+from mamlab.core.losses import per_task_loss
 
 
 @pytest.mark.parametrize("loss_fn, pred_shape, make_target", [

@@ -1,0 +1,296 @@
+"""The contract every meta-learning algorithm keeps, and the gradient-based inner loop most share.
+
+A ``MetaAlgorithm`` is a ``torch.nn.Module`` that owns the model and any learned meta-state
+(per-parameter step sizes, per-step normalization, ...), so ``parameters()``, ``state_dict()``,
+``.to(device)`` and every torch optimizer see all of it. It promises three things:
+
+* ``meta_loss(batch)``: a scalar whose ``.backward()`` fills ``.grad`` of ``self.parameters()``
+  with the algorithm's meta-gradient (or, for algorithms without one, its update direction);
+* ``adapt(support_x, support_y, steps=None)``: each task's adapted state θ'_i, task-batched;
+* ``predict(adapted, x)``: f_{θ'_i}(x_i) for every task.
+
+``InnerLoopAlgorithm`` implements the family that adapts by gradient steps on the support loss,
+
+    θ_i^{(k+1)} = update(θ_i^{(k)}, ∇ L_support(θ_i^{(k)}), k)        θ_i^{(0)} = θ
+    meta-objective = (1/T) Σ_i L_query(θ_i^{(K)}),
+
+so an algorithm in this family only writes its ``inner_update`` (and, if it has one, a different
+objective). How the tasks are computed (batched, vmap, loop, chunks) is the ``TaskEngine``'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mamlab.core.batch import TaskBatch
+from mamlab.core.execution import TaskEngine, grad_of
+from mamlab.core.losses import LossFn
+from mamlab.core.params import Params, expand_to_tasks, parameters_of
+from mamlab.errors import MamlabError, check_positive
+
+__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm"]
+
+
+class MetaAlgorithm(nn.Module):
+    """Base class of every meta-learning algorithm: owns the model and its learned meta-state.
+
+    Args:
+        model: the network f_θ (any ``nn.Module``); its trainable parameters are θ.
+        loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
+        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (``mamlab.core.execution``).
+        task_chunk: on the batched paths, how many tasks run together (bounds memory).
+
+    Subclasses set ``name`` (the registry's name) and ``inner_steps`` (the adaptation steps
+    ``adapt`` takes by default, also at evaluation).
+    """
+
+    name: str = ""
+    inner_steps: int = 0
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, execution: str = "auto",
+                 task_chunk: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise MamlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise MamlabError(f"loss_fn must be callable, got {loss_fn!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise MamlabError("model has no trainable parameters; a meta-learner needs at least one")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.engine = TaskEngine(model, loss_fn, execution, task_chunk)
+
+    # ------------------------------------------------------------------ the contract
+    def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
+        """The meta-training objective of ``batch``; ``.backward()`` fills ``.grad``."""
+        raise NotImplementedError
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
+              start: Mapping[str, torch.Tensor] | None = None) -> Params:
+        """Each task's adapted state (a dict of ``[T, ...]`` tensors), detached from θ."""
+        raise NotImplementedError
+
+    def predict(self, adapted: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """f_{θ'_i}(x_i) for every task i: ``adapted`` from ``adapt``, ``x`` shaped ``[T, M, ...]``."""
+        raise NotImplementedError
+
+    def forward(self, batch: TaskBatch) -> torch.Tensor:
+        """``meta_loss(batch)``, so the algorithm can be called like any module."""
+        return self.meta_loss(batch)
+
+    # ------------------------------------------------------------------ execution
+    @property
+    def execution(self) -> str:
+        """The execution path asked for (``"auto"`` resolves per device, see ``resolved_execution``)."""
+        return self.engine.execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        self.engine = TaskEngine(self.model, self.loss_fn, value, self.engine.task_chunk)
+
+    @property
+    def task_chunk(self) -> int | None:
+        """How many tasks run together on the batched paths (``None``: the whole batch)."""
+        return self.engine.task_chunk
+
+    def resolved_execution(self, device: torch.device | str | None = None) -> str:
+        """The execution path used on ``device`` (default: the model's)."""
+        return self.engine.path(device)
+
+    def tune(self, batch: TaskBatch, repeats: int = 3) -> dict[str, float]:
+        """Time ``meta_loss`` on each path for this model and batch, keep the fastest.
+
+        ``meta_loss`` only deposits gradients on ``.backward()``, so timing it leaves ``.grad``
+        untouched. Returns the seconds per meta-loss of each path; sets ``self.execution``.
+        """
+        return self.engine.tune(lambda: self.meta_loss(batch), repeats)
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Everything the outer loop trains: θ and any learned meta-state, in ``parameters()`` order."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def options(self) -> dict[str, object]:
+        """The algorithm's options as the registry names them (for ``repr`` and run records)."""
+        return {}
+
+    def extra_repr(self) -> str:
+        """The options and execution path, shown by ``repr``."""
+        parts = [f"{k}={v!r}" for k, v in self.options().items()]
+        return ", ".join([*parts, f"execution={self.execution!r}"])
+
+
+class InnerLoopAlgorithm(MetaAlgorithm):
+    """Algorithms that adapt θ by ``inner_steps`` gradient steps on each task's support loss.
+
+    Args:
+        model, loss_fn, execution, task_chunk: as for ``MetaAlgorithm``.
+        inner_steps: how many inner steps adapt θ to a task's support set (>= 1).
+        first_order: treat the inner gradients as constants in the meta-gradient (drop the
+            second-order terms); ``.grad`` is still filled.
+        inner_params: names of the parameters adapted in the inner loop (default: all trainable
+            ones); the others are shared by every task and trained by the outer loop only.
+
+    Subclasses write ``inner_update(params, grads, step, lr)``: one step of the inner loop.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, inner_steps: int = 1,
+                 first_order: bool = False, inner_params: Sequence[str] | None = None,
+                 execution: str = "auto", task_chunk: int | None = None) -> None:
+        super().__init__(model, loss_fn, execution=execution, task_chunk=task_chunk)
+        check_positive("inner_steps", inner_steps, integer=True)
+        trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+        if inner_params is not None:
+            inner_params = list(inner_params)
+            unknown = [k for k in inner_params if k not in trainable]
+            if unknown or not inner_params:
+                raise MamlabError(
+                    f"inner_params {unknown or inner_params!r} are not trainable parameters of the "
+                    f"model; allowed: {', '.join(trainable)}"
+                )
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.inner_params = inner_params
+
+    # ------------------------------------------------------------------ the update rule
+    def inner_update(self, params: Params, grads: Params, step: int, lr: float | None = None) -> Params:
+        """θ^{(k+1)} from θ^{(k)} and ∇ L_support(θ^{(k)}) at inner step ``step`` (0-based)."""
+        raise NotImplementedError
+
+    def inner_loop(self, params: Params, shared: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                   path: str, create_graph: bool, lr: float | None = None, first_step: int = 0) -> Params:
+        """``steps`` inner updates of the task-batched ``params`` on the support sets ``(x, y)``."""
+        for k in range(steps):
+            with torch.enable_grad():
+                losses = self.engine.losses(params, shared, x, y, path)
+                grads = grad_of(losses.sum(), params, create_graph)
+            params = self.inner_update(params, grads, first_step + k, lr)
+        return params
+
+    def task_losses(self, batch: TaskBatch, path: str, steps: int | None = None) -> torch.Tensor:
+        """L_query(θ'_i) of every task of ``batch`` ``[T]``, differentiable w.r.t. the meta-parameters."""
+        adapted, shared = self.split_parameters()
+        params = expand_to_tasks(adapted, batch.num_tasks)
+        params = self.inner_loop(params, shared, batch.support_x, batch.support_y,
+                                 self.inner_steps if steps is None else steps, path,
+                                 create_graph=not self.first_order)
+        return self.engine.losses(params, shared, batch.query_x, batch.query_y, path)
+
+    # ------------------------------------------------------------------ the contract
+    def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
+        """(1/T) Σ_i L_query(θ'_i); ``.backward()`` fills the meta-parameters' ``.grad``.
+
+        The meta-gradient is taken chunk by chunk (one task at a time on the loop path) as the
+        loss is computed, so peak memory is that of one chunk's graph; ``.backward()`` then only
+        deposits it. To differentiate the loss further, use ``query_losses(batch).mean()``.
+        """
+        check_batch(batch, self.model)
+        if not torch.is_grad_enabled():
+            with torch.enable_grad():
+                return self.query_losses(batch).mean().detach()
+        return self.engine.meta_gradient(self.task_losses, batch, self.meta_parameters())
+
+    def query_losses(self, batch: TaskBatch, steps: int | None = None) -> torch.Tensor:
+        """Each task's query loss after adaptation, ``[T]``, differentiable w.r.t. θ.
+
+        Holds every task's graph until backward; ``meta_loss`` is the memory-lean way to train.
+        """
+        check_batch(batch, self.model)
+        path = self.engine.path(batch.support_x.device)
+        return torch.cat([self.task_losses(batch.slice(s), path, steps)
+                          for s in self.engine.chunks(batch.num_tasks, path)])
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
+              start: Mapping[str, torch.Tensor] | None = None, lr: float | None = None) -> Params:
+        """Adapt θ to each task's support set; returns θ'_i as a dict of ``[T, ...]`` tensors.
+
+        Args:
+            support_x: ``[T, K, ...]`` support inputs.
+            support_y: ``[T, K, ...]`` support targets.
+            steps: inner steps (default ``inner_steps``; 0 returns θ for every task).
+            start: batched parameters to continue from (an earlier ``adapt`` result); default θ.
+            lr: an inner step size to use instead of the algorithm's own, where it has one.
+
+        Returns:
+            The adapted parameters (the ``inner_params``, all by default), detached from θ.
+        """
+        steps = self.inner_steps if steps is None else steps
+        check_positive("steps", steps, integer=True, allow_zero=True)
+        if lr is not None:
+            check_positive("lr", lr)
+        check_xy("support", support_x, support_y)
+        check_dtype("support_x", support_x, self.model)
+        adapted, shared = self.split_parameters(detach=True)
+        num_tasks = support_x.shape[0]
+        if start is not None:
+            if set(start) != set(adapted) or any(p.shape[0] != num_tasks for p in start.values()):
+                raise MamlabError(
+                    f"start must hold [{num_tasks}, ...] tensors for exactly {', '.join(adapted)}"
+                )
+            begin = {k: p.detach() for k, p in start.items()}
+        else:
+            begin = expand_to_tasks(adapted, num_tasks)
+        if steps == 0:
+            return {k: p.clone() for k, p in begin.items()}
+        path = self.engine.path(support_x.device)
+        parts = []
+        for s in self.engine.chunks(num_tasks, path):
+            params = {k: p[s].clone().requires_grad_(True) for k, p in begin.items()}
+            params = self.inner_loop(params, shared, support_x[s], support_y[s], steps, path,
+                                     create_graph=False, lr=lr)
+            parts.append({k: p.detach() for k, p in params.items()})
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+
+    def predict(self, adapted: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """f_{θ'_i}(x_i) for every task i: ``adapted`` from ``adapt``, ``x`` shaped ``[T, M, ...]``."""
+        params = dict(adapted)
+        num = next(iter(params.values())).shape[0]
+        if x.shape[0] != num:
+            raise MamlabError(f"x has {x.shape[0]} tasks but params have {num}; they must match")
+        _, shared = self.split_parameters(detach=True)
+        shared = {k: p for k, p in shared.items() if k not in params}
+        path = self.engine.path(x.device)
+        with torch.no_grad():
+            return torch.cat([self.engine.forward({k: p[s] for k, p in params.items()}, shared, x[s], path)
+                              for s in self.engine.chunks(num, path)])
+
+    # ------------------------------------------------------------------ helpers
+    def split_parameters(self, detach: bool = False) -> tuple[Params, Params]:
+        """θ split into the parameters adapted per task and those shared by all tasks."""
+        theta = parameters_of(self.model)
+        names = self.inner_params if self.inner_params is not None else list(theta)
+        adapted = {k: theta[k] for k in names}
+        shared = {k: p for k, p in theta.items() if k not in adapted}
+        if detach:
+            adapted = {k: p.detach() for k, p in adapted.items()}
+            shared = {k: p.detach() for k, p in shared.items()}
+        return adapted, shared
+
+
+def check_xy(which: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One-line error unless ``x`` and ``y`` share their leading ``[tasks, examples]`` dimensions."""
+    if x.dim() < 2 or y.dim() < 2 or x.shape[:2] != y.shape[:2]:
+        raise MamlabError(
+            f"{which}_x {tuple(x.shape)} and {which}_y {tuple(y.shape)} must share their leading "
+            "[tasks, examples] dimensions"
+        )
+
+
+def check_batch(batch: TaskBatch, model: nn.Module | None = None) -> None:
+    """One-line error unless ``batch`` is a TaskBatch whose inputs match the model's dtype."""
+    if not isinstance(batch, TaskBatch):
+        raise MamlabError(f"expected a mamlab.TaskBatch, got {type(batch).__name__}")
+    if model is not None:
+        check_dtype("support_x", batch.support_x, model)
+        check_dtype("query_x", batch.query_x, model)
+
+
+def check_dtype(name: str, x: torch.Tensor, model: nn.Module) -> None:
+    """One-line error if floating-point inputs ``x`` differ in dtype from the model's parameters."""
+    dtype = next(model.parameters()).dtype
+    if x.is_floating_point() and x.dtype != dtype:
+        got, want = str(x.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+        raise MamlabError(f"{name} has dtype {got} but the model's parameters are {want}; "
+                          "convert with batch.to(dtype=...)")

@@ -1,0 +1,90 @@
+"""The registry: an algorithm's name maps to its class and the options it takes.
+
+Adding an algorithm is one new file in ``mamlab/algorithms/`` and one entry here; ``mamlab train
+TASK --algorithm NAME`` then trains it, and ``eval``, ``analyze`` and ``demo`` use it as trained.
+An algorithm's options are configuration keys (``inner_lr``) and command-line flags
+(``--inner-lr``); tasks supply the papers' defaults for them (``mamlab.experiments``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mamlab.algorithms.anil import ANIL
+from mamlab.algorithms.base import MetaAlgorithm
+from mamlab.algorithms.maml import MAML
+from mamlab.algorithms.pretrain import Pretrain
+from mamlab.core.losses import LossFn
+from mamlab.errors import MamlabError
+from mamlab.options import Option, check_options
+
+__all__ = ["AlgorithmSpec", "ALGORITHMS", "register", "algorithm_spec", "build_algorithm",
+           "INNER_LR", "INNER_STEPS", "FIRST_ORDER", "HEAD"]
+
+INNER_LR = Option("inner_lr", "float", 0.01, "α, the inner SGD step size", positive=True)
+INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", positive=True)
+FIRST_ORDER = Option("first_order", "bool", False, "drop second-order terms of the meta-gradient")
+HEAD = Option("head", "strs", None, "parameter names adapted per task (default: the last layer's)",
+              nullable=True)
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A registered algorithm.
+
+    Args:
+        name: what ``--algorithm`` and ``config.json`` call it.
+        build: ``build(model, loss_fn, execution=..., task_chunk=..., **options)`` → the algorithm.
+        options: the keys it takes (checked strictly; anything else is an error).
+        summary: one line for ``--help`` and the README.
+    """
+
+    name: str
+    build: Callable[..., MetaAlgorithm]
+    options: tuple[Option, ...]
+    summary: str
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {}
+
+
+def register(spec: AlgorithmSpec) -> AlgorithmSpec:
+    """Add ``spec`` to the registry (its name must be new)."""
+    if spec.name in ALGORITHMS:
+        raise ValueError(f"algorithm {spec.name!r} is registered twice")
+    ALGORITHMS[spec.name] = spec
+    return spec
+
+
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    """The registered algorithm called ``name`` (one-line error naming the allowed ones)."""
+    if name not in ALGORITHMS:
+        raise MamlabError(f"unknown algorithm {name!r}; allowed: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+def build_algorithm(name: str, model: nn.Module, loss_fn: LossFn, options: Mapping[str, Any] | None = None,
+                    *, execution: str = "auto", task_chunk: int | None = None) -> MetaAlgorithm:
+    """The algorithm ``name`` around ``model``, with ``options`` (defaults for the ones not given)."""
+    spec = algorithm_spec(name)
+    values = check_options(dict(options or {}), spec.options, f"algorithm {name!r}")
+    return spec.build(model, loss_fn, execution=execution, task_chunk=task_chunk, **values)
+
+
+def _fomaml(model: nn.Module, loss_fn: LossFn, **kw: Any) -> MAML:
+    return MAML(model, loss_fn, first_order=True, **kw)
+
+
+register(AlgorithmSpec("maml", MAML, (INNER_LR, INNER_STEPS, FIRST_ORDER),
+                       "MAML (Finn et al. 2017), second order unless first_order"))
+register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
+                       "first-order MAML: the inner gradients are constants in the meta-gradient"))
+register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
+                       "ANIL (Raghu et al. 2020): only the head adapts in the inner loop"))
+register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
+                       "Finn et al.'s baseline: supervised training on all tasks pooled, "
+                       "fine-tuned by SGD at test time"))

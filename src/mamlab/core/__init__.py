@@ -1,0 +1,1 @@
+"""Pure tensor code under every algorithm: parameter dicts, the batched MLP, per-task losses, execution."""

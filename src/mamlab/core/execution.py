@@ -1,0 +1,184 @@
+"""How the tasks of a meta-batch are run: all together (batched MLP, vmap), in chunks, or one by one.
+
+Every algorithm in ``mamlab.algorithms`` writes its update rule once, on *task-batched* parameter
+dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` decides how those
+``T`` tasks are actually computed:
+
+* ``"batched"``: MLPs (a Sequential of Linear layers and activations); every task's weights
+  ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.core.batched``).
+* ``"vmap"``: any model; ``torch.func.vmap`` over a functional forward.
+* ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). Fastest
+  for convolutional nets on CPU, where batched convolutions under vmap are slower and far
+  hungrier for memory; the only path for BatchNorm that tracks running statistics.
+
+On every path the inner gradient of all tasks of a chunk is one autograd call: each task's loss
+depends only on its own slice of the task-batched parameters, so ∇ of the summed losses is the
+per-task ∇. ``meta_gradient`` takes the meta-gradient chunk by chunk while the loss is computed, so
+peak memory is one chunk's graph.
+
+``execution="auto"`` picks by the rule that ``benchmarks/speed.py`` measured (``default_execution``);
+``TaskEngine.tune`` times the paths on a given model and batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+from mamlab.core.batch import TaskBatch
+from mamlab.core.batched import batched_forward, plan_for
+from mamlab.core.losses import LossFn, per_task_loss
+from mamlab.core.params import Params, buffers_of, forward
+from mamlab.errors import MamlabError, check_choice, check_positive
+
+__all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "grad_of", "PrecomputedGrad"]
+
+EXECUTIONS = ("auto", "batched", "vmap", "loop")
+
+_BATCHED_SLOW_OR_UNSAFE = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+
+
+def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> str:
+    """The path ``execution="auto"`` takes: batched MLP, else loop for conv/norm on CPU, else vmap.
+
+    Measured on 2 CPU cores (``benchmarks/speed.py``): vmap runs the sinusoid MLP an order of
+    magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
+    whose BatchNorm tracks running statistics also go to the loop, since vmap cannot update a
+    shared running mean from batched tasks.
+    """
+    device = torch.device(device)
+    if plan_for(model) is not None:
+        return "batched"
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            return "loop"
+        if device.type == "cpu" and isinstance(m, _BATCHED_SLOW_OR_UNSAFE):
+            return "loop"
+    return "vmap"
+
+
+def grad_of(loss: torch.Tensor, params: Mapping[str, torch.Tensor], create_graph: bool) -> Params:
+    """∇ loss w.r.t. each tensor of ``params`` (zeros where the loss does not depend on it)."""
+    names = list(params)
+    tensors = [params[k] for k in names]
+    grads = torch.autograd.grad(loss, tensors, create_graph=create_graph, allow_unused=True)
+    return {k: (torch.zeros_like(t) if g is None else g)
+            for k, t, g in zip(names, tensors, grads, strict=True)}
+
+
+class PrecomputedGrad(torch.autograd.Function):
+    """A scalar whose backward hands out gradients computed chunk by chunk in advance."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, grads: tuple[torch.Tensor, ...], *params: torch.Tensor):  # noqa: D102
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # noqa: D102
+        return (None, None, *[g * grad_output for g in ctx.grads])
+
+
+class TaskEngine:
+    """Runs functions of task-batched parameters over a meta-batch, by the chosen execution path.
+
+    Args:
+        model: the network whose functional forward is run (its buffers are used as they are).
+        loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
+        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"``.
+        task_chunk: on the batched paths, how many tasks run together (default: the whole batch).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, execution: str = "auto",
+                 task_chunk: int | None = None) -> None:
+        check_choice("execution", execution, EXECUTIONS)
+        if task_chunk is not None:
+            check_positive("task_chunk", task_chunk, integer=True)
+        self.plan = plan_for(model)
+        if execution == "batched" and self.plan is None:
+            raise MamlabError(
+                f"execution 'batched' needs a Sequential of Linear layers and elementwise activations, "
+                f"got {type(model).__name__}; allowed for this model: auto, vmap, loop"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.per_task_loss = per_task_loss(loss_fn)
+        self.execution = execution
+        self.task_chunk = task_chunk
+
+    def path(self, device: torch.device | str | None = None) -> str:
+        """The execution path used on ``device``: ``self.execution`` unless it is ``"auto"``."""
+        if self.execution != "auto":
+            return self.execution
+        if device is None:
+            device = next(self.model.parameters()).device
+        return default_execution(self.model, device)
+
+    def chunks(self, num_tasks: int, path: str) -> list[slice]:
+        """The task slices computed together: one task each on the loop path, else ``task_chunk``."""
+        size = 1 if path == "loop" else (self.task_chunk or num_tasks)
+        return [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
+
+    def forward(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
+                x: torch.Tensor, path: str) -> torch.Tensor:
+        """f_{θ_i}(x_i) for every task i of ``x`` ``[T, N, ...]``.
+
+        ``params`` carry a leading task dimension; ``shared`` parameters (no task dimension) are
+        the same for every task. Parameters in neither are the model's own.
+        """
+        buffers = buffers_of(self.model)
+        if path == "batched":
+            return batched_forward(self.plan, {**shared, **params}, x)  # type: ignore[arg-type]
+        if path == "vmap":
+            return vmap(lambda p, xi: forward(self.model, {**shared, **p}, xi, buffers))(dict(params), x)
+        return torch.stack([forward(self.model, {**shared, **{k: p[i] for k, p in params.items()}}, x[i],
+                                    buffers) for i in range(x.shape[0])])
+
+    def losses(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
+               x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
+        """Each task's loss ``[T]`` of ``f_{θ_i}(x_i)`` against ``y_i``."""
+        return self.per_task_loss(self.forward(params, shared, x, path), y)
+
+    def meta_gradient(self, task_losses: Callable[[TaskBatch, str], torch.Tensor], batch: TaskBatch,
+                      wrt: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(1/T) Σ_i ``task_losses`` over the batch, with its gradient w.r.t. ``wrt`` taken chunk by chunk.
+
+        ``task_losses(chunk, path)`` returns the per-task objective ``[t]`` of a chunk of tasks,
+        differentiable w.r.t. ``wrt``. Each chunk's graph is freed once its gradient is added, so
+        memory stays at one chunk's worth; the returned scalar's ``.backward()`` deposits the sum.
+        """
+        num_tasks = batch.num_tasks
+        path = self.path(batch.support_x.device)
+        total = torch.zeros((), dtype=wrt[0].dtype, device=batch.query_x.device)
+        grads = [torch.zeros_like(p) for p in wrt]
+        named = {str(i): p for i, p in enumerate(wrt)}
+        for s in self.chunks(num_tasks, path):
+            loss = task_losses(batch.slice(s), path).sum() / num_tasks
+            for acc, g in zip(grads, grad_of(loss, named, create_graph=False).values(), strict=True):
+                acc += g
+            total = total + loss.detach().to(total.dtype)
+        return PrecomputedGrad.apply(total, tuple(grads), *wrt)
+
+    def tune(self, run: Callable[[], object], repeats: int = 3) -> dict[str, float]:
+        """Time ``run()`` on each path this model allows and keep the fastest; seconds per call."""
+        check_positive("repeats", repeats, integer=True)
+        times: dict[str, float] = {}
+        for path in (("batched",) if self.plan is not None else ()) + ("vmap", "loop"):
+            self.execution = path
+            run()  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            times[path] = (time.perf_counter() - start) / repeats
+        self.execution = min(times, key=times.__getitem__)
+        return times
