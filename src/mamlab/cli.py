@@ -242,7 +242,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from mamlab.analysis.report import analyze_runs
+    from mamlab.analysis import analyze_runs
     from mamlab.train import read_config
 
     if (args.runs[0] / "config.json").exists():

@@ -127,7 +127,7 @@ def run_demo(out: str | Path | None = None, iterations: int | None = None, seed:
     echo(f"\nFigure 2 (predictions before and after adaptation): {figure}")
     outputs: dict[str, Any] = {"out": out_dir, "figure": figure, "summary": summary, "runs": runs}
     try:
-        from mamlab.analysis.report import analyze_runs
+        from mamlab.analysis import analyze_runs
     except ImportError:  # the analysis report is optional for the demo
         return outputs
     report = analyze_runs([out_dir / "maml", out_dir / "pretrain"], out_dir / "report", progress=progress,

@@ -152,3 +152,9 @@ def test_duplicate_learner_names_are_refused(config, batch):
     a = _learners(config)[0]
     with pytest.raises(st.MamlabError, match="unique"):
         st.adaptation_curves([a, a], batch, 1)
+
+
+def test_the_divergence_rule():
+    assert st.DIVERGENCE_FACTOR == 100.0
+    d = st.diverged(torch.tensor([1.0, 150.0, math.inf, math.nan, 99.0]), torch.ones(5))
+    assert d.tolist() == [False, True, True, True, False]

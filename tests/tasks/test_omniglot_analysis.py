@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlab.analysis.report import STUDIES, analyze_runs
+from mamlab.analysis import STUDIES, analyze_runs
 from mamlab.config import resolve_config
 from mamlab.train import train
 

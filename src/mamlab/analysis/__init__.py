@@ -1,4 +1,4 @@
-"""Generalization analysis: the studies, representation similarity, loss landscape, the report.
+"""Generalization analysis: the studies (numbers), their sections (text), the pipeline (``analyze_runs``).
 
 The confidence intervals live in ``mamlab.stats`` (re-exported here), below the evaluation
 protocol that uses them, so data flows one way: tasks → algorithm → train/evaluate → analysis.
@@ -10,7 +10,7 @@ from mamlab.analysis.landscape import (
     hessian_vector_product,
     top_hessian_eigenvalue,
 )
-from mamlab.analysis.report import STUDIES, analyze_runs
+from mamlab.analysis.pipeline import STUDIES, analyze_runs
 from mamlab.analysis.representations import (
     capture_representations,
     head_parameter_names,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlab.analysis.report import analyze_runs
+from mamlab.analysis.pipeline import analyze_runs
 from mamlab.config import resolve_config
 from mamlab.train import train
 

@@ -1,76 +1,50 @@
-"""``analyze_runs``: run the generalization studies on trained runs and write one HTML report.
+"""Report sections: a study's numbers → summary sentences, tables and figure requests.
 
-Every run given (MAML, first-order MAML, the pretrain baseline) is compared with two derived
-learners: a randomly initialized network of the first run's architecture (seeded), and
-head-only adaptation (ANIL) of every MAML network. All of them are scored on the very same
-seeded held-out episodes, so differences between them are paired over tasks. The output folder::
+One function per study turns the dict the study returned (``mamlab.analysis.studies``) into a
+``Section`` of the page (``mamlab.report.html``): explanatory text, the figures it asks
+``mamlab.report.plots`` to draw, the tables of estimates, and the lines it appends to the page's
+generated summary. Nothing here computes a new statistic: the sentences only choose and word the
+numbers the studies recorded.
 
-    OUT/index.html      one self-contained page: generated summary, figures, tables
-    OUT/results.json    every number in the page (mean, 95% CI half-width, n), and the timings
-    OUT/*.png           the figures
-
-The report is built in a temporary folder next to ``OUT`` and renamed into place, so a failed
-analysis leaves an earlier report untouched.
-
-Diverging tasks: every loss comes with its median (distribution-free 95% CI) and the number of
-tasks whose inner loop diverged (``studies.DIVERGENCE_FACTOR``). Where any task behind a number
-diverged, the summary sentence quotes medians and says how many tasks diverged, and figures plot
-medians with their CI band (the caption says so); otherwise means ± 95% CI.
+Diverging tasks: where any task behind a number diverged (``studies.DIVERGENCE_FACTOR``), a
+sentence quotes medians and says how many tasks diverged, and a figure plots medians with their
+distribution-free CI band (the caption says so); otherwise means ± 95% CI.
 
 Example:
-    >>> analyze_runs(["runs/maml", "runs/pretrain"], "runs/report", tasks=200, progress=True)
-    PosixPath('runs/report/index.html')
+    >>> ctx = SectionContext(tmp, learners, config, tasks=200, fixed=10)
+    >>> summary: list[str] = []
+    >>> sec = adaptation_section(ctx, st.adaptation_curves(learners, heldout, 20), learners, summary)
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import sys
-import tempfile
-import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mamlab.analysis import studies as st
-from mamlab.checkpoint import list_checkpoints
 from mamlab.config import TrainConfig
-from mamlab.errors import MamlabError, check_positive
-from mamlab.evaluate import eval_generator
-from mamlab.experiment import build_family, is_classification
-from mamlab.report.html import Figure, Section, Table, format_value, write_report
+from mamlab.experiment import is_classification
+from mamlab.report.html import Figure, Section, Table, format_value
 from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
 from mamlab.stats import Estimate, Median
-from mamlab.tasks.base import TaskBatch
-from mamlab.train import Run, load_run
 
-__all__ = ["analyze_runs", "STUDIES", "TRAIN_CHECK_SEED_OFFSET", "MAX_CHECKPOINTS", "FIXED_STEPS"]
+__all__ = [
+    "TITLES",
+    "SectionContext",
+    "adaptation_section",
+    "shots_section",
+    "generalization_section",
+    "shift_section",
+    "representation_section",
+    "landscape_section",
+    "cost_section",
+    "skipped_section",
+]
 
-STUDIES = st.STUDIES
-#: Training-distribution check tasks are drawn with seed ``TRAIN_CHECK_SEED_OFFSET + seed``: a stream
-#: distinct from training (``seed``), validation and evaluation.
-TRAIN_CHECK_SEED_OFFSET = 4_000_037
-#: The meta-overfitting curve uses at most this many of a run's checkpoints, evenly spaced.
-MAX_CHECKPOINTS = 11
-#: Studies at a fixed number of inner steps use ``min(steps, FIXED_STEPS)``.
-FIXED_STEPS = 10
-#: Tasks in the landscape study (power iteration per task is the costliest probe).
-LANDSCAPE_TASKS = 20
-#: Query points per task for representation similarity on regression tasks (CKA/CCA need many).
-REPRESENTATION_QUERIES = 100
-_FAMILY_KEYS = {
-    "sinusoid": ("amplitude", "phase", "x_range", "noise"),
-    "linear-regression": ("dim", "weight_mean", "weight_std", "noise"),
-    "linear-classification": ("dim", "weight_mean", "weight_std"),
-    "omniglot": ("data", "split", "ways"),
-}
-_KIND_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrain": "pretrain"}
-_TITLES = {
+#: Each study's section title, by study name (``studies.STUDIES``).
+TITLES = {
     "adaptation": "Adaptation curves",
     "shots": "Shot sweep",
     "generalization": "Generalization gap",
@@ -80,98 +54,7 @@ _TITLES = {
 }
 
 
-# ---------------------------------------------------------------------- inputs
-def _family_signature(config: TrainConfig) -> str:
-    keys = _FAMILY_KEYS.get(config.task, ())
-    return f"{config.task}(" + ", ".join(f"{k}={getattr(config, k)!r}" for k in keys) + ")"
-
-
-def _check_studies(studies: Sequence[str] | str | None) -> list[str]:
-    if studies is None:
-        return list(STUDIES)
-    if isinstance(studies, str):
-        studies = [s for s in studies.split(",") if s.strip()]
-    chosen = [s.strip() for s in studies]
-    bad = [s for s in chosen if s not in STUDIES]
-    if bad or not chosen:
-        raise MamlabError(f"unknown study {bad[0] if bad else ''!r}; allowed: {', '.join(STUDIES)}")
-    return [s for s in STUDIES if s in chosen]
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MamlabError(f"output {str(out)!r} exists and is not a directory; choose another out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "a report" if (out / "index.html").exists() or (out / "results.json").exists() else "files"
-        raise MamlabError(
-            f"output directory {str(out)!r} already holds {what}; pass force=True (--force) "
-            "to replace it, or choose another out"
-        )
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise MamlabError(f"output directory {str(out)!r} is not writable")
-
-
-def _load_runs(paths: Sequence[str | Path]) -> list[Run]:
-    runs = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise MamlabError(f"run directory {str(path)!r} does not exist")
-        if not path.is_dir():
-            raise MamlabError(
-                f"run {str(path)!r} is not a directory; pass a run directory (mamlab train --out)"
-            )
-        runs.append(load_run(path))
-    first = _family_signature(runs[0].config)
-    for r in runs[1:]:
-        sig = _family_signature(r.config)
-        if sig != first:
-            raise MamlabError(
-                f"runs mix task families: {str(runs[0].path)!r} is {first} but {str(r.path)!r} is "
-                f"{sig}; analyze runs of one task family together"
-            )
-    return runs
-
-
-def _learners(runs: Sequence[Run], seed: int) -> list[st.Learner]:
-    base = [_KIND_NAMES[st.run_kind(r.config)] for r in runs]
-    names = [b if base.count(b) == 1 else f"{b} ({r.path.name})" for b, r in zip(base, runs, strict=True)]
-    if len(set(names)) != len(names):
-        names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
-    learners = [
-        st.Learner(n, r.model, r.config, st.run_kind(r.config)) for n, r in zip(names, runs, strict=True)
-    ]
-    anil = [st.anil_learner(lr) for lr in learners if lr.kind in ("maml", "fomaml")]
-    cfg = runs[0].config
-    return learners + anil + [st.Learner("random init", st.random_init_model(cfg, seed), cfg, "random")]
-
-
-def _subset(batch: TaskBatch, n: int) -> TaskBatch:
-    s = slice(0, min(n, batch.num_tasks))
-    return TaskBatch(batch.support_x[s], batch.support_y[s], batch.query_x[s], batch.query_y[s])
-
-
-def _shot_candidates(config: TrainConfig) -> tuple[int, ...]:
-    return (1, 2, 5, 10, 20) if not is_classification(config) else (1, 2, 3, 5, 10, 15, 19)
-
-
-def _shot_batches(family: Any, config: TrainConfig, tasks: int, seed: int) -> dict[int, TaskBatch]:
-    candidates = _shot_candidates(config)
-    out = {}
-    for k in candidates:
-        try:
-            out[k] = st.episodes(family, tasks, k, config.queries, eval_generator(seed))
-        except MamlabError:  # more shots than the data holds per class
-            continue
-    if not out:
-        raise MamlabError(f"no shot count in {candidates} fits the task family with {config.queries} queries")
-    return out
-
-
-# ---------------------------------------------------------------------- report pieces
+# ---------------------------------------------------------------------- numbers -> text
 def _mc(values: Sequence[Estimate]) -> tuple[list[float], list[float]] | None:
     """(means, half-widths) for a plot; None if a mean is not finite (e.g. every task diverged)."""
     means = [e.mean for e in values]
@@ -273,8 +156,22 @@ def _significant(e: Estimate | Median) -> int:
     return 1 if e.low > 0 else (-1 if e.high < 0 else 0)
 
 
-class _Ctx:
-    """What every study section needs: the folder, colours, units, protocol."""
+def _neg(e: Estimate | Median) -> Estimate | Median:
+    if isinstance(e, Median):
+        return Median(-e.median, -e.high, -e.low, e.n, e.confidence)
+    return Estimate(-e.mean, e.ci, e.n, e.confidence)
+
+
+class SectionContext:
+    """What every study section needs: the folder, colours, units, protocol.
+
+    Args:
+        tmp: the folder the figures are drawn into (the report's temporary folder).
+        learners: every learner compared, the reference first; fixes each one's colour.
+        config: the reference run's configuration (task, classification or regression, queries).
+        tasks: held-out tasks per study.
+        fixed: the inner steps of the studies at a fixed number of steps.
+    """
 
     def __init__(self, tmp: Path, learners: list[st.Learner], config: TrainConfig, tasks: int, fixed: int):
         self.tmp, self.config, self.tasks, self.fixed = tmp, config, tasks, fixed
@@ -302,6 +199,21 @@ class _Ctx:
         medians: dict[str, Sequence[Median]] | None = None,
         diverged: dict[str, Sequence[int]] | None = None,
     ) -> Figure | None:
+        """Draw ``name``.png: mean ± 95% CI curves against ``x``, or medians where tasks diverged.
+
+        Args:
+            name: the PNG's file name without suffix.
+            x: the shared x values.
+            series: per learner (or curve), one ``Estimate`` per x.
+            xlabel, ylabel, title, xunit, yunit, logx: as ``report.plots.line_plot_ci``.
+            caption: the figure's caption; notes on medians, a log axis and curves left out are appended.
+            own_colors: let the plot choose colours (the series are not learners).
+            medians: per series, one ``Median`` per x, plotted instead where ``diverged`` counts any.
+            diverged: per series, the diverged tasks at each x.
+
+        Returns:
+            The figure, or None when no series has finite values.
+        """
         where = _diverged_series(diverged, x)
         robust = bool(where) and medians is not None
         data: dict[str, Any] = _median_series(medians) if robust else _series(series)  # type: ignore[arg-type]
@@ -348,6 +260,18 @@ class _Ctx:
         ylim: tuple[float, float] | None = None,
         xlabel: str = "layer",
     ) -> Figure | None:
+        """Draw ``name``.png: grouped bars with 95% CI error bars.
+
+        Args:
+            name: the PNG's file name without suffix.
+            groups: the bar groups (layers or learners).
+            values: per bar colour (learner or condition), one ``Estimate`` per group.
+            ylabel, title, ylim, xlabel: as ``report.plots.layer_bar_chart``.
+            caption: the figure's caption.
+
+        Returns:
+            The figure, or None when no series has finite values.
+        """
         data = _series(values)
         if not data:
             return None
@@ -372,10 +296,22 @@ def _figs(*figs: Figure | None) -> list[Figure]:
     return [f for f in figs if f is not None]
 
 
+
 # ---------------------------------------------------------------------- sections
-def _adaptation_section(
-    c: _Ctx, r: dict[str, Any], learners: list[st.Learner], summary: list[str]
+def adaptation_section(
+    c: SectionContext, r: dict[str, Any], learners: list[st.Learner], summary: list[str]
 ) -> Section:
+    """The adaptation curves (``studies.adaptation_curves``): loss against inner steps, extrapolation.
+
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json.
+        learners: the learners compared (their trained inner steps mark the table's columns).
+        summary: the page's summary lines; this section's are appended.
+
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     steps, ref, u = r["steps"], r["reference"], c.unit
     smax, f = steps[-1], c.fixed
     L = r["learners"]
@@ -568,16 +504,21 @@ def _adaptation_section(
         "'random init': a randomly initialized network of the same architecture (seeded), fine-tuned "
         "the same way."
     ]
-    return Section(_TITLES["adaptation"], text, figs, tables)
+    return Section(TITLES["adaptation"], text, figs, tables)
 
 
-def _neg(e: Estimate | Median) -> Estimate | Median:
-    if isinstance(e, Median):
-        return Median(-e.median, -e.high, -e.low, e.n, e.confidence)
-    return Estimate(-e.mean, e.ci, e.n, e.confidence)
+def shots_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
+    """The shot sweep (``studies.shot_sweep``): loss at a fixed number of steps against K.
 
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json, with ``kinds`` and
+            ``unavailable_shots`` added.
+        summary: the page's summary lines; this section's are appended.
 
-def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     shots, u, ref, L = r["shots"], c.unit, r["reference"], r["learners"]
     figs = _figs(
         c.line(
@@ -663,16 +604,27 @@ def _shots_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
             "examples per class than it holds (e.g. Omniglot's all_runs: 2 drawings per class)."
         )
     return Section(
-        _TITLES["shots"],
+        TITLES["shots"],
         text,
         figs,
         tables,
     )
 
 
-def _generalization_section(
-    c: _Ctx, r: dict[str, Any], curves: dict[str, Any], summary: list[str]
+def generalization_section(
+    c: SectionContext, r: dict[str, Any], curves: dict[str, Any], summary: list[str]
 ) -> Section:
+    """The generalization gap (``studies.generalization_gap``) and the meta-overfitting curves.
+
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json.
+        curves: per run, its ``studies.meta_overfitting_curve`` (runs without checkpoints left out).
+        summary: the page's summary lines; this section's are appended.
+
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     u, L, names = c.unit, r["learners"], list(r["learners"])
     same = r["same_distribution"]
     figs = _figs(
@@ -827,10 +779,20 @@ def _generalization_section(
         "Scores after adaptation on tasks from the meta-training distribution (drawn from a stream "
         "distinct from training's) and on the held-out evaluation tasks. " + note[0].upper() + note[1:] + "."
     ]
-    return Section(_TITLES["generalization"], text, figs, tables)
+    return Section(TITLES["generalization"], text, figs, tables)
 
 
-def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+def shift_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
+    """Distribution shift (``studies.distribution_shift``): loss as test tasks leave the training range.
+
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json.
+        summary: the page's summary lines; this section's are appended.
+
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     u, ref = c.unit, r["reference"]
     figs, tables, parts = [], [], []
     for axis, ax in r["axes"].items():
@@ -889,10 +851,20 @@ def _shift_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
         "Test tasks drawn beyond the training distribution; each band has its own seeded tasks, the same "
         "for every learner."
     ]
-    return Section(_TITLES["shift"], text, figs, tables)
+    return Section(TITLES["shift"], text, figs, tables)
 
 
-def _representation_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+def representation_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
+    """Rapid learning or feature reuse (``studies.representation_change``): CKA, SVCCA, parameter change.
+
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json.
+        summary: the page's summary lines; this section's are appended.
+
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     L = r["learners"]
     ref = next(iter(L))
     layers = L[ref]["layers"]
@@ -979,10 +951,20 @@ def _representation_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> S
         "every body layer keeps CKA >= 0.9 and the output changes more. ANIL adapts only the head, so its "
         "body parameters change by exactly 0."
     ]
-    return Section(_TITLES["representations"], text, figs, tables)
+    return Section(TITLES["representations"], text, figs, tables)
 
 
-def _landscape_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Section:
+def landscape_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
+    """The loss landscape (``studies.landscape``): sharpness at θ and θ', gradient norms.
+
+    Args:
+        c: the report's context (folder, colours, unit).
+        r: the study's result dict, as it goes into results.json.
+        summary: the page's summary lines; this section's are appended.
+
+    Returns:
+        The section: explanatory text, figures, tables.
+    """
     L, names = r["learners"], list(r["learners"])
     figs = _figs(
         c.bars(
@@ -1040,207 +1022,25 @@ def _landscape_section(c: _Ctx, r: dict[str, Any], summary: list[str]) -> Sectio
         f"{_fmt(g[-1])} at step {r['steps']}."
     )
     return Section(
-        _TITLES["landscape"],
+        TITLES["landscape"],
         [f"Curvature and gradients over the first {r['tasks']} held-out tasks, {r['steps']} inner steps."],
         figs,
         tables,
     )
 
 
-# ---------------------------------------------------------------------- main
-def analyze_runs(
-    runs: Sequence[str | Path],
-    out: str | Path,
-    *,
-    tasks: int = 200,
-    seed: int = 0,
-    steps: int = 20,
-    studies: Sequence[str] | None = None,
-    force: bool = False,
-    progress: bool = False,
-    echo: Callable[[str], None] = print,
-) -> Path:
-    """Run the generalization studies on trained runs and write ``out/index.html`` and ``results.json``.
+def cost_section(timings: dict[str, float], chosen: list[str], learners: int, tasks: int) -> Section:
+    """The wall time of each study, with and without its figures, and the total.
 
     Args:
-        runs: run directories (``mamlab train --out``) of one task family: MAML, first-order MAML
-            and/or pretrain runs; the first is the reference of every paired difference.
-        out: the report folder; must be absent or empty unless ``force``.
-        tasks: held-out tasks (>= 2), the same for every learner.
-        seed: seeds the evaluation episodes and the random-init baseline.
-        steps: the most inner steps S of the adaptation curves (>= 1); the other studies use
-            ``min(steps, 10)``.
-        studies: which of ``STUDIES`` to run (default all), a list or a comma-separated string.
-        force: replace an existing report (or other content) in ``out``.
-        progress: progress bars on stderr.
-        echo: where one-line messages go (the per-study timings).
+        timings: seconds per study, per ``study + "_with_figures"``, and ``"total"``.
+        chosen: the studies run, in report order.
+        learners: how many learners were compared.
+        tasks: held-out tasks per study.
 
     Returns:
-        The path of ``out/index.html``.
+        The section: one sentence and one table.
     """
-    if isinstance(runs, (str, Path)):
-        runs = [runs]
-    runs = list(runs)
-    if not runs:
-        raise MamlabError("no runs given; pass at least one run directory")
-    check_positive("tasks", tasks, integer=True)
-    if tasks < 2:
-        raise MamlabError(f"tasks must be an integer >= 2 (confidence intervals need two), got {tasks!r}")
-    check_positive("steps", steps, integer=True)
-    check_positive("seed", seed, integer=True, allow_zero=True)
-    chosen = _check_studies(studies)
-    out = Path(out)
-    _check_out(out, force)
-    loaded = _load_runs(runs)
-    t_start = time.perf_counter()
-    cfg = loaded[0].config
-    learners = _learners(loaded, seed)
-    fixed = min(steps, FIXED_STEPS)
-    heldout_family = build_family(cfg, "test")
-    train_family = build_family(cfg, "train")
-    heldout = st.episodes(heldout_family, tasks, cfg.shots, cfg.queries, eval_generator(seed))
-    from tqdm.auto import tqdm
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        ctx = _Ctx(tmp, learners, cfg, tasks, fixed)
-        results: dict[str, Any] = {}
-        timings: dict[str, float] = {}
-        sections: list[Section] = []
-        summary: list[str] = []
-        kinds = {lr.name: lr.kind for lr in learners}
-        with tqdm(
-            total=len(chosen),
-            desc="analysis",
-            unit="study",
-            disable=not progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        ) as bar:
-
-            def tick(name: str, study: str) -> None:
-                bar.set_postfix_str(f"{study}: {name}", refresh=True)
-
-            for study in chosen:
-                t0 = time.perf_counter()
-                bar.set_description(study)
-                sec: Section | None = None
-                if study == "adaptation":
-                    r = st.adaptation_curves(
-                        learners, heldout, steps, progress=lambda n: tick(n, "adaptation")
-                    )
-                    timings[study] = time.perf_counter() - t0
-                    sec = _adaptation_section(ctx, r, learners, summary)
-                elif study == "shots":
-                    batches = _shot_batches(heldout_family, cfg, tasks, seed)
-                    r = st.shot_sweep(learners, batches, fixed, progress=lambda n: tick(n, "shots"))
-                    r["kinds"] = kinds
-                    r["unavailable_shots"] = [k for k in _shot_candidates(cfg) if k not in batches]
-                    timings[study] = time.perf_counter() - t0
-                    sec = _shots_section(ctx, r, summary)
-                elif study == "generalization":
-                    train_tasks = st.episodes(
-                        train_family,
-                        tasks,
-                        cfg.shots,
-                        cfg.queries,
-                        torch.Generator().manual_seed(TRAIN_CHECK_SEED_OFFSET + seed),
-                    )
-                    r = st.generalization_gap(
-                        learners, heldout, train_tasks, fixed, same_distribution=cfg.task == "sinusoid"
-                    )
-                    curves = {}
-                    for lr, run in zip(learners, loaded, strict=False):
-                        tick(lr.name, "checkpoints")
-                        snaps = _snapshots(run)
-                        if snaps:
-                            curves[lr.name] = st.meta_overfitting_curve(
-                                snaps, run.config, heldout, train_tasks, fixed, lr.kind
-                            )
-                    r["meta_overfitting"] = curves
-                    timings[study] = time.perf_counter() - t0
-                    sec = _generalization_section(ctx, r, curves, summary)
-                elif study == "shift":
-                    conditions = _shift_conditions(cfg, heldout, tasks, seed)
-                    if conditions is None:
-                        r = {"skipped": f"no distribution shift is defined for task {cfg.task!r}"}
-                        timings[study] = time.perf_counter() - t0
-                        sec = Section(_TITLES["shift"], [r["skipped"] + "."])
-                    else:
-                        r = st.distribution_shift(learners, conditions, fixed)
-                        timings[study] = time.perf_counter() - t0
-                        sec = _shift_section(ctx, r, summary)
-                elif study == "representations":
-                    rep = heldout
-                    if not ctx.classify and cfg.queries < REPRESENTATION_QUERIES:
-                        rep = st.episodes(
-                            heldout_family, tasks, cfg.shots, REPRESENTATION_QUERIES, eval_generator(seed)
-                        )
-                    r = st.representation_change(learners, rep, fixed)
-                    r["queries"] = rep.query_x.shape[1]
-                    timings[study] = time.perf_counter() - t0
-                    sec = _representation_section(ctx, r, summary)
-                else:  # landscape
-                    r = st.landscape(learners, _subset(heldout, LANDSCAPE_TASKS), fixed, seed=seed)
-                    timings[study] = time.perf_counter() - t0
-                    sec = _landscape_section(ctx, r, summary)
-                results[study] = r
-                timings[study + "_with_figures"] = time.perf_counter() - t0
-                echo(
-                    f"  {study}: {timings[study]:.1f} s "
-                    f"({timings[study + '_with_figures']:.1f} s with figures)"
-                )
-                sections.append(sec)
-                bar.update(1)
-        timings["total"] = time.perf_counter() - t_start
-        sections.append(_cost_section(timings, chosen, len(learners), tasks))
-        payload = {
-            "protocol": {
-                "tasks": tasks,
-                "seed": seed,
-                "steps": steps,
-                "fixed_steps": fixed,
-                "shots": cfg.shots,
-                "queries": cfg.queries,
-                "task": cfg.task,
-                "family": _family_signature(cfg),
-                "studies": chosen,
-                "reference": learners[0].name,
-                "confidence": 0.95,
-            },
-            "runs": [
-                {
-                    "path": str(r.path),
-                    "method": r.config.method,
-                    "first_order": r.config.first_order,
-                    "iterations": r.iteration,
-                    "inner_steps": r.config.inner_steps,
-                    "inner_lr": r.config.inner_lr,
-                }
-                for r in loaded
-            ],
-            "learners": [
-                {"name": lr.name, "kind": lr.kind, "inner_lr": lr.inner_lr, "inner_params": lr.inner_params}
-                for lr in learners
-            ],
-            "studies": results,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-        }
-        title = (
-            f"Generalization analysis: {', '.join(lr.name for lr in learners[: len(loaded)])} on {cfg.task}"
-        )
-        write_report(tmp, title, summary, sections, payload)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    echo(f"  total: {timings['total']:.1f} s; report written to {out / 'index.html'}")
-    return out / "index.html"
-
-
-def _cost_section(timings: dict[str, float], chosen: list[str], learners: int, tasks: int) -> Section:
     rows = [[s, round(timings[s], 2), round(timings[s + "_with_figures"], 2)] for s in chosen]
     rows.append(["total (loading, episodes, all studies, figures)", round(timings["total"], 2), None])
     return Section(
@@ -1250,40 +1050,14 @@ def _cost_section(timings: dict[str, float], chosen: list[str], learners: int, t
     )
 
 
-def _snapshots(run: Run) -> list[tuple[int, torch.nn.Module]]:
-    """Up to ``MAX_CHECKPOINTS`` evenly spaced checkpoints of a run (first and last included)."""
-    paths = list_checkpoints(run.path)
-    if len(paths) > MAX_CHECKPOINTS:
-        idx = sorted({round(i * (len(paths) - 1) / (MAX_CHECKPOINTS - 1)) for i in range(MAX_CHECKPOINTS)})
-        paths = [paths[i] for i in idx]
-    snaps = []
-    for p in paths:
-        loaded = load_run(run.path, checkpoint=p)
-        snaps.append((int(loaded.iteration or 0), loaded.model))
-    return snaps
+def skipped_section(study: str, reason: str) -> Section:
+    """A study's section that only says why the study did not run.
 
+    Args:
+        study: one of ``studies.STUDIES``.
+        reason: one sentence without its final period.
 
-def _shift_conditions(
-    cfg: TrainConfig, heldout: TaskBatch, tasks: int, seed: int
-) -> dict[str, list[tuple[str, TaskBatch]]] | None:
-    if cfg.task == "sinusoid":
-        return st.sinusoid_shift_conditions(cfg, tasks, cfg.shots, cfg.queries, seed)
-    if heldout.support_x.dim() >= 4:  # images: Omniglot
-        return st.rotation_conditions(heldout)
-    return None
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished report folder to ``out``; an existing ``out`` is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    Returns:
+        The section: its title and the reason.
+    """
+    return Section(TITLES[study], [reason + "."])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mamlab.algorithms.maml import MAML
-from mamlab.analysis import report as rp
-from mamlab.analysis.report import STUDIES, analyze_runs
+from mamlab.analysis import pipeline
+from mamlab.analysis.pipeline import STUDIES, analyze_runs
 from mamlab.config import resolve_config
 from mamlab.errors import MamlabError
 from mamlab.train import train
@@ -119,7 +119,7 @@ def test_a_failed_analysis_keeps_the_earlier_report(runs, tmp_path, monkeypatch)
     def boom(*args, **kwargs):
         raise RuntimeError("study failed")
 
-    monkeypatch.setattr(rp.st, "shot_sweep", boom)
+    monkeypatch.setattr(pipeline.st, "shot_sweep", boom)
     with pytest.raises(RuntimeError, match="study failed"):
         analyze_runs([runs["maml"]], out, studies=["adaptation", "shots"], force=True, **FAST)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -175,4 +175,4 @@ def test_analyze_runs_signature_matches_the_demo_and_cli_calls():
     assert list(sig.parameters) == ["runs", "out", "tasks", "seed", "steps", "studies", "force", "progress",
                                     "echo"]
     assert re.search(r"analyze_runs\(\[out_dir / \"maml\", out_dir / \"pretrain\"\], out_dir / \"report\", "
-                     r"progress=progress,\s*echo=echo\)", (Path(rp.__file__).parents[1] / "demo.py").read_text())
+                     r"progress=progress,\s*echo=echo\)", (Path(pipeline.__file__).parents[1] / "demo.py").read_text())

@@ -1,11 +1,9 @@
-"""A task whose inner loop diverges: medians and diverged-task counts in the studies and the summary."""
-
-import math
+"""Sections: a task whose inner loop diverges gets medians and diverged-task counts in the summary."""
 
 import torch
 from torch import nn
 
-from mamlab.analysis import report as rp
+from mamlab.analysis import sections as sc
 from mamlab.analysis import studies as st
 from mamlab.config import resolve_config
 from mamlab.tasks.base import TaskBatch
@@ -32,12 +30,6 @@ def _learners() -> list[st.Learner]:
     return out
 
 
-def test_the_divergence_rule():
-    assert st.DIVERGENCE_FACTOR == 100.0
-    d = st.diverged(torch.tensor([1.0, 150.0, math.inf, math.nan, 99.0]), torch.ones(5))
-    assert d.tolist() == [False, True, True, True, False]
-
-
 def test_one_diverging_task_is_counted_and_the_summary_uses_medians(tmp_path):
     learners, batch = _learners(), _linear_tasks()
     r = st.adaptation_curves(learners, batch, steps=5)
@@ -47,8 +39,8 @@ def test_one_diverging_task_is_counted_and_the_summary_uses_medians(tmp_path):
     med = entry["query_loss_median"][5]
     assert med.median < 1.0 and med.n == 10  # ... the median is not
     summary: list[str] = []
-    ctx = rp._Ctx(tmp_path, learners, learners[0].config, batch.num_tasks, 5)
-    sec = rp._adaptation_section(ctx, r, learners, summary)
+    ctx = sc.SectionContext(tmp_path, learners, learners[0].config, batch.num_tasks, 5)
+    sec = sc.adaptation_section(ctx, r, learners, summary)
     head = summary[0]
     assert "median" in head and "1 of 10 tasks diverged for MAML" in head, head
     assert f"{med.median:.3f}" in head
@@ -66,6 +58,18 @@ def test_without_divergence_the_summary_uses_means(tmp_path):
     r = st.adaptation_curves(learners, batch, steps=5)
     assert sum(r["learners"]["MAML"]["query_loss_diverged"]) == 0
     summary: list[str] = []
-    rp._adaptation_section(rp._Ctx(tmp_path, learners, learners[0].config, 10, 5), r, learners, summary)
+    sc.adaptation_section(sc.SectionContext(tmp_path, learners, learners[0].config, 10, 5), r, learners, summary)
     q = r["learners"]["MAML"]["query_loss"][5]
     assert f"{q.mean:.3f} ± {q.ci:.3f}" in summary[0] and "median" not in summary[0]
+
+
+def test_cost_and_skipped_sections():
+    timings = {"adaptation": 1.5, "adaptation_with_figures": 2.25, "total": 3.75}
+    sec = sc.cost_section(timings, ["adaptation"], learners=4, tasks=20)
+    assert sec.title == "Cost" and sec.text == ["Wall time of each study on this machine (4 learners, 20 tasks)."]
+    assert [list(r) for r in sec.tables[0].rows] == [
+        ["adaptation", 1.5, 2.25], ["total (loading, episodes, all studies, figures)", 3.75, None]]
+    skipped = sc.skipped_section("shift", "no distribution shift is defined for task 'linear-regression'")
+    assert skipped.title == sc.TITLES["shift"] == "Distribution shift"
+    assert skipped.text == ["no distribution shift is defined for task 'linear-regression'."]
+    assert set(sc.TITLES) == set(st.STUDIES)
