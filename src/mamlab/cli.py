@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -23,21 +22,53 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers LOW,HIGH, got {text!r}") from None
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected two numbers LOW,HIGH, got {text!r}")
+def _task_names() -> list[str]:
+    from mamlab.experiments import TASKS
+
+    return list(TASKS)
+
+
+def _algorithm_names() -> list[str]:
+    from mamlab.algorithms import ALGORITHMS
+
+    return list(ALGORITHMS)
+
+
+def _preset_names() -> list[str]:
+    from mamlab.config import presets
+
+    return list(presets())
+
+
+def _option_groups() -> list[tuple[str, list[Any]]]:
+    """The run options, then every task's and every algorithm's, each name once (for the flags)."""
+    from mamlab.algorithms import ALGORITHMS
+    from mamlab.config import RUN_OPTIONS
+    from mamlab.experiments import TASKS
+
+    seen: set[str] = set()
+    groups: list[tuple[str, list[Any]]] = []
+    sources = [("run options", RUN_OPTIONS)]
+    sources += [(f"task options ({name})", spec.options) for name, spec in TASKS.items()]
+    sources += [(f"algorithm options ({name})", spec.options) for name, spec in ALGORITHMS.items()]
+    for title, options in sources:
+        fresh = [o for o in options if o.name not in seen]
+        seen.update(o.name for o in fresh)
+        if fresh:
+            groups.append((title, fresh))
+    return groups
+
+
+def _option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The option flags given on the command line, parsed and checked (one-line errors)."""
+    values: dict[str, Any] = {}
+    for _, options in _option_groups():
+        for o in options:
+            raw = getattr(args, o.name, None)
+            if raw is None:
+                continue
+            values[o.name] = raw if isinstance(raw, bool) else o.parse(raw)
     return values
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,52 +78,31 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser("train", help="meta-train a model (or a baseline) on a task family",
-                       description="Meta-train on TASK (sinusoid, linear-regression, "
-                       "linear-classification, omniglot). Flags override --config, which overrides "
-                       "the papers' defaults for the task.")
-    t.add_argument("task", nargs="?", help="task family: sinusoid, linear-regression, "
-                   "linear-classification, omniglot")
+                       description="Meta-train with ALGORITHM on TASK. Flags override --config and "
+                       "--preset, which override the papers' defaults for the task. Each option belongs "
+                       "to the run, the task or the algorithm; an option of another task or algorithm "
+                       "is an error. Under torchrun (torchrun --nproc_per_node N -m mamlab train ...) "
+                       "the tasks of each meta-batch are split across the processes.")
+    t.add_argument("task", nargs="?", help="task family: " + ", ".join(_task_names()))
     t.add_argument("--out", type=Path, help="run directory to create")
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run in DIR from its latest checkpoint")
     t.add_argument("--force", action="store_true", help="replace what --out holds")
     t.add_argument("--config", type=Path, help="TOML file with configuration keys")
+    t.add_argument("--preset", help="a packaged configuration: " + ", ".join(_preset_names()))
     t.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
-    t.add_argument("--baseline", choices=["pretrain"], help="train a baseline instead of MAML")
-    t.add_argument("--iterations", type=int)
-    t.add_argument("--meta-batch", type=int, dest="meta_batch")
-    t.add_argument("--shots", type=int, help="support examples per task (per class for classification)")
-    t.add_argument("--queries", type=int, help="query examples per task (per class for classification)")
-    t.add_argument("--inner-lr", type=float, dest="inner_lr", help="α, the inner SGD step size")
-    t.add_argument("--inner-steps", type=int, dest="inner_steps")
-    t.add_argument("--meta-lr", type=float, dest="meta_lr", help="β, Adam's learning rate")
-    t.add_argument("--first-order", action="store_const", const=True, dest="first_order")
-    t.add_argument("--lr-schedule", dest="lr_schedule",
-                   help="meta learning rate over the run: constant, or cosine (from β down to 0)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--execution", help="auto, batched, vmap or loop")
-    t.add_argument("--hidden", type=_ints, help="hidden layer sizes, e.g. 40,40")
-    t.add_argument("--val-every", type=int, dest="val_every")
-    t.add_argument("--val-tasks", type=int, dest="val_tasks")
-    t.add_argument("--checkpoint-every", type=int, dest="checkpoint_every")
-    t.add_argument("--skip-nonfinite", action="store_const", const=True, dest="skip_nonfinite",
-                   help="skip meta-batches with a non-finite loss or gradient instead of stopping")
-    t.add_argument("--deterministic", action="store_const", const=True,
-                   help="use torch's deterministic algorithms")
-    t.add_argument("--amplitude", type=_floats, help="sinusoid amplitude range LOW,HIGH")
-    t.add_argument("--phase", type=_floats, help="sinusoid phase range LOW,HIGH")
-    t.add_argument("--x-range", type=_floats, dest="x_range", help="sinusoid input range LOW,HIGH")
-    t.add_argument("--dim", type=int, help="input dimension of linear tasks")
-    t.add_argument("--data", help="Omniglot folder or zip(s)")
-    t.add_argument("--split", help="Omniglot split: minimal, vinyals, background")
-    t.add_argument("--ways", type=int, help="N in N-way classification")
-    t.add_argument("--filters", type=int, help="Conv4 filters per layer (64 in the paper)")
-    t.add_argument("--no-rotate", action="store_const", const=False, dest="rotate",
-                   help="Omniglot: no random 90-degree rotation of training classes")
-    t.add_argument("--affine", action="store_const", const=True,
-                   help="Omniglot: distort each training image by a random affine map")
+    t.add_argument("--algorithm", help="meta-learning algorithm: " + ", ".join(_algorithm_names()))
+    t.add_argument("--baseline", choices=["pretrain"], help="same as --algorithm pretrain")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    for group, options in _option_groups():
+        g = t.add_argument_group(group)
+        for o in options:
+            if o.kind == "bool":
+                g.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=o.help)
+            else:
+                g.add_argument(o.flag, dest=o.name, metavar=o.kind.upper(), default=None, help=o.help)
 
     e = sub.add_parser("eval", help="meta-test a trained run on held-out tasks",
                        description="Adapt the run's model to held-out tasks from a seeded evaluation "
@@ -104,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inner steps to score after (default 0,1,5,10; with --omniglot-runs the run's "
                    "inner_steps)")
     e.add_argument("--tasks", type=int, default=600, help="held-out tasks (default 600)")
-    e.add_argument("--lr", type=float, help="inner step size (default: the run's inner_lr)")
+    e.add_argument("--lr", type=float, help="inner step size instead of the run's own (algorithms with "
+                   "one inner_lr)")
     e.add_argument("--seed", type=int, default=0, help="evaluation stream seed (default 0)")
     e.add_argument("--ways", type=int, help="classification: N-way test tasks (default: the run's; at most "
                    "the model's number of outputs, labels 0..N-1)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     e.add_argument("--omniglot-runs", type=Path, dest="omniglot_runs",
                    help="evaluate on the 20 official one-shot runs (all_runs.zip or its folder)")
 
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="evaluation episodes' seed (default 0)")
     a.add_argument("--studies", help="comma-separated subset of the studies (default: all)")
     a.add_argument("--force", action="store_true", help="replace an existing report in --out")
+    a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     a.add_argument("--no-progress", action="store_true")
     a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -135,10 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iterations", type=int, default=None, help="training iterations per model")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     return parser
 
 
-SMALL_MODEL_TASKS = ("sinusoid", "linear-regression", "linear-classification")
+def _device(args: argparse.Namespace) -> Any:
+    """The torch device of ``--device`` (one-line error if it is not here)."""
+    from mamlab.runtime import resolve_device
+
+    return resolve_device(args.device)
 
 
 def _threads_for(task: str | None, requested: int | None) -> None:
@@ -148,44 +166,55 @@ def _threads_for(task: str | None, requested: int | None) -> None:
     thread as on two when the machine is idle, and one to two orders of magnitude faster when
     another process holds the other core (intra-op threads then wait on each other).
     """
-    if requested is None and task in SMALL_MODEL_TASKS:
+    from mamlab.experiments import TASKS
+
+    if requested is None and task in TASKS and TASKS[task].small_model:
         import torch
 
         torch.set_num_threads(1)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mamlab.config import load_toml, resolve_config
+    from mamlab.config import RESUMABLE_OPTIONS, load_preset, load_toml, resolve_config
     from mamlab.train import train
 
     progress = not args.no_progress and sys.stderr.isatty()
+    values = _option_values(args)
     if args.resume is not None:
         from mamlab.train import read_config
 
+        given = [k for k in ("task", "config", "preset", "algorithm", "baseline") if getattr(args, k)]
+        given += [k for k in values if k not in RESUMABLE_OPTIONS]
+        if given:
+            name = given[0] if given[0] in ("task",) else "--" + given[0].replace("_", "-")
+            raise MamlabError(f"{name} cannot be given with --resume: the run keeps its configuration; "
+                              f"options that can change: {', '.join(RESUMABLE_OPTIONS)}")
         _threads_for(read_config(args.resume).task if (args.resume / "config.json").exists() else None,
                      args.threads)
         if args.out is not None and args.out != args.resume:
             raise MamlabError(
                 f"--out {str(args.out)!r} conflicts with --resume {str(args.resume)!r}; give one"
             )
-        train(None, args.resume, resume=True, progress=progress, iterations=args.iterations)
+        train(None, args.resume, resume=True, progress=progress, changes=values)
         return 0
     _threads_for(args.task, args.threads)
     if args.task is None:
-        raise MamlabError("train needs a TASK (sinusoid, linear-regression, linear-classification, "
-                          "omniglot) or --resume DIR")
-    check_choice("task family", args.task, ("sinusoid", "linear-regression", "linear-classification",
-                                            "omniglot"))
-    keys = ("iterations", "meta_batch", "shots", "queries", "inner_lr", "inner_steps", "meta_lr",
-            "lr_schedule", "first_order", "seed", "execution", "hidden", "val_every", "val_tasks",
-            "checkpoint_every",
-            "skip_nonfinite", "deterministic", "amplitude", "phase", "x_range", "dim", "data", "split",
-            "ways", "filters", "rotate", "affine")
-    overrides: dict[str, Any] = {k: getattr(args, k) for k in keys}
-    if args.baseline:
-        overrides["method"] = args.baseline
-    file_values = load_toml(args.config) if args.config else None
-    config = resolve_config(args.task, file_values, overrides, source=str(args.config or "config"))
+        raise MamlabError(f"train needs a TASK ({', '.join(_task_names())}) or --resume DIR")
+    check_choice("task family", args.task, _task_names())
+    if args.algorithm and args.baseline and args.algorithm != args.baseline:
+        raise MamlabError(f"--baseline {args.baseline} conflicts with --algorithm {args.algorithm}; give one")
+    file_values: dict[str, Any] = {}
+    source = "config"
+    if args.preset:
+        file_values = load_preset(args.preset)
+        source = f"preset {args.preset}"
+    if args.config:
+        if args.preset:
+            raise MamlabError("--config and --preset both give a configuration; give one")
+        file_values = load_toml(args.config)
+        source = str(args.config)
+    config = resolve_config(args.task, file_values, values, source=source,
+                            algorithm=args.algorithm or args.baseline)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -199,13 +228,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mamlab.evaluate import evaluate_model, parse_steps
     from mamlab.train import load_run
 
-    run = load_run(args.run)
+    run = load_run(args.run, device=_device(args))
     _threads_for(run.config.task, args.threads)
     if args.omniglot_runs is not None:
         from mamlab.evaluate import evaluate_on_oneshot_runs
 
         steps = None if args.steps is None else max(parse_steps(args.steps))
-        result = evaluate_on_oneshot_runs(run.model, run.config, args.omniglot_runs, steps=steps,
+        result = evaluate_on_oneshot_runs(run.algorithm, run.config, args.omniglot_runs, steps=steps,
                                           lr=args.lr)
         print(json.dumps(result, indent=2) if args.json else result["table"])
         return 0
@@ -216,15 +245,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not 0 < args.ways <= run.config.ways:
             raise MamlabError(f"--ways must be between 1 and the model's {run.config.ways} outputs, "
                               f"got {args.ways}")
-        run.config = dataclasses.replace(run.config, ways=args.ways)
-    result = evaluate_model(run.model, run.config, shots=args.shots, queries=args.queries, steps=steps,
+        run.config = run.config.with_options(ways=args.ways)
+    result = evaluate_model(run.algorithm, run.config, shots=args.shots, queries=args.queries, steps=steps,
                             num_tasks=args.tasks, lr=args.lr, seed=args.seed)
     if args.json:
         print(json.dumps({"run": str(args.run), **result.to_dict()}, indent=2))
         return 0
     ways = f"{run.config.ways}-way " if run.config.task == "omniglot" else ""
-    print(f"{run.config.method} on {run.config.task}: {result.num_tasks} held-out {ways}tasks, "
-          f"{result.shots}-shot, {result.queries} queries, lr {result.lr}, eval seed {result.seed}")
+    print(f"{run.config.algorithm} on {run.config.task} (iteration {run.iteration}): {result.num_tasks} "
+          f"held-out {ways}tasks, {result.shots}-shot, {result.queries} queries, lr {result.lr}, "
+          f"eval seed {result.seed}")
     print(_table(result.summary()))
     return 0
 

@@ -1,5 +1,7 @@
 """The meta-test protocol: adapt to held-out tasks from a seeded evaluation stream, score with 95% CIs.
 
+Every model is adapted by its own algorithm, as trained (``MetaAlgorithm.adapt``): MAML and the
+pretrain baseline by SGD at their inner step size, an algorithm with learned step sizes with those.
 Evaluation episodes come from their own generator (``eval_generator(seed)``), never from the
 training stream, so every model evaluated with the same seed and settings sees the very same
 tasks, and two models' per-task scores can be compared pairwise.
@@ -15,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mamlab.algorithms.maml import MAML
+from mamlab.algorithms import MetaAlgorithm, build_algorithm
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
-from mamlab.experiment import accuracy, build_family, is_classification, loss_for
+from mamlab.experiments import accuracy, build_family, is_classification, loss_for
 from mamlab.stats import mean_ci
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
@@ -93,60 +95,72 @@ class EvalResult:
                 "seed": self.seed, "results": self.summary()}
 
 
-def per_task_scores(maml: MAML, config: TrainConfig, batch: TaskBatch, steps: Sequence[int],
-                    lr: float) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Query loss and accuracy of every task of ``batch`` after each number of ``steps``."""
+def as_algorithm(model: nn.Module | MetaAlgorithm, config: TrainConfig) -> MetaAlgorithm:
+    """``model`` itself if it is an algorithm, else the config's algorithm around the network."""
+    if isinstance(model, MetaAlgorithm):
+        return model
+    return build_algorithm(config.algorithm, model, loss_for(config), config.algorithm_options,
+                           execution=config.execution, task_chunk=config.task_chunk)
+
+
+def per_task_scores(algorithm: MetaAlgorithm, config: TrainConfig, batch: TaskBatch, steps: Sequence[int],
+                    lr: float | None = None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Query loss and accuracy of every task of ``batch`` after each number of ``steps``.
+
+    ``lr`` replaces the algorithm's inner step size where it has a single one (MAML, pretrain).
+    """
     losses: dict[int, torch.Tensor] = {}
     accs: dict[int, torch.Tensor] = {}
     params, done = None, 0
-    loss_fn = loss_for(config)
+    per_task = torch.vmap(algorithm.loss_fn)
+    options = {} if lr is None else {"lr": lr}
     for s in sorted(steps):
-        params = maml.adapt(batch.support_x, batch.support_y, steps=s - done, lr=lr, start=params)
+        params = algorithm.adapt(batch.support_x, batch.support_y, steps=s - done, start=params, **options)
         done = s
-        pred = maml.predict(params, batch.query_x)
+        pred = algorithm.predict(params, batch.query_x)
         with torch.no_grad():
-            losses[s] = torch.vmap(loss_fn)(pred, batch.query_y).double()
+            losses[s] = per_task(pred, batch.query_y).double()
             if is_classification(config):
                 accs[s] = accuracy(config, pred, batch.query_y).double()
     return losses, accs
 
 
-def evaluate_model(model: nn.Module, config: TrainConfig, *, shots: int | None = None,
+def evaluate_model(model: nn.Module | MetaAlgorithm, config: TrainConfig, *, shots: int | None = None,
                    queries: int | None = None, steps: Sequence[int] = (0, 1, 5, 10), num_tasks: int = 600,
                    lr: float | None = None, seed: int = 0, family: TaskFamily | None = None,
                    chunk: int = 200) -> EvalResult:
-    """Meta-test ``model``: adapt on ``num_tasks`` held-out tasks and score their query sets.
+    """Meta-test a trained algorithm (or a network, adapted by the config's algorithm) on held-out tasks.
 
     Args:
-        model: the meta-learned (or baseline) network.
-        config: the run's configuration (task family, inner learning rate, execution path).
+        model: the trained ``MetaAlgorithm`` (``load_run(...).algorithm``), or its network.
+        config: the run's configuration (task family, algorithm, execution path).
         shots: support examples per task (per class for classification); default the config's.
         queries: query examples per task (per class); default the config's.
         steps: the numbers of inner steps after which to score (0 = no adaptation).
         num_tasks: how many held-out tasks.
-        lr: inner step size (default the config's ``inner_lr``).
+        lr: an inner step size to use instead of the algorithm's own (where it has a single one).
         seed: the evaluation stream's seed (same seed → same tasks for every model).
         family: the task distribution to test on (default the config's test split).
         chunk: tasks adapted together at a time (bounds memory).
     """
     shots = config.shots if shots is None else shots
     queries = config.queries if queries is None else queries
-    lr = config.inner_lr if lr is None else lr
     check_positive("shots", shots, integer=True)
     check_positive("queries", queries, integer=True)
     check_positive("tasks", num_tasks, integer=True)
-    check_positive("lr", lr)
+    if lr is not None:
+        check_positive("lr", lr)
     steps = parse_steps(steps)
     family = build_family(config, "test") if family is None else family
-    maml = MAML(model, loss_for(config), inner_lr=lr, inner_steps=max(1, max(steps)),
-                execution=config.execution)
-    result = EvalResult(shots, queries, steps, lr, num_tasks, seed)
+    algorithm = as_algorithm(model, config)
+    shown_lr = lr if lr is not None else float(getattr(algorithm, "inner_lr", float("nan")))
+    result = EvalResult(shots, queries, steps, shown_lr, num_tasks, seed)
     parts_l: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     parts_a: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
+    first = next(algorithm.model.parameters())
     for batch in eval_episodes(family, num_tasks, shots, queries, seed, chunk):
-        first = next(model.parameters())
         batch = batch.to(device=first.device, dtype=first.dtype)
-        losses, accs = per_task_scores(maml, config, batch, steps, lr)
+        losses, accs = per_task_scores(algorithm, config, batch, steps, lr)
         for s in steps:
             parts_l[s].append(losses[s])
             if s in accs:
@@ -156,7 +170,7 @@ def evaluate_model(model: nn.Module, config: TrainConfig, *, shots: int | None =
     return result
 
 
-def evaluate_on_oneshot_runs(model: nn.Module, config: TrainConfig, path: str | Path, *,
+def evaluate_on_oneshot_runs(model: nn.Module | MetaAlgorithm, config: TrainConfig, path: str | Path, *,
                              steps: int | None = None, lr: float | None = None) -> dict[str, Any]:
     """Lake et al.'s one-shot challenge: adapt on each run's 20 training images, classify its 20 tests.
 
@@ -173,20 +187,23 @@ def evaluate_on_oneshot_runs(model: nn.Module, config: TrainConfig, path: str | 
     if config.ways != 20:
         raise MamlabError(f"the one-shot runs are 20-way but this model has {config.ways} outputs; "
                           "train with --ways 20")
-    steps = config.inner_steps if steps is None else steps
-    lr = config.inner_lr if lr is None else lr
+    algorithm = as_algorithm(model, config)
+    steps = algorithm.inner_steps if steps is None else steps
     check_positive("steps", steps, integer=True, allow_zero=True)
-    check_positive("lr", lr)
-    maml = MAML(model, loss_for(config), inner_lr=lr, inner_steps=max(1, steps), execution=config.execution)
-    dtype = next(model.parameters()).dtype
+    if lr is not None:
+        check_positive("lr", lr)
+    options = {} if lr is None else {"lr": lr}
+    first = next(algorithm.model.parameters())
 
     def classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor) -> torch.Tensor:
-        params = maml.adapt(train_x[None].to(dtype), train_y[None], steps=steps, lr=lr)
-        return maml.predict(params, test_x[None].to(dtype))[0].argmax(-1)
+        params = algorithm.adapt(train_x[None].to(first), train_y[None].to(first.device), steps=steps,
+                                 **options)
+        return algorithm.predict(params, test_x[None].to(first))[0].argmax(-1).cpu()
 
     result = evaluate_runs(load_runs(path), classify)
+    shown = lr if lr is not None else getattr(algorithm, "inner_lr", None)
     lines = [f"{'run':>4}  {'error %':>7}"]
     lines += [f"{i + 1:>4}  {e:>7.1f}" for i, e in enumerate(result["errors"])]
     lines.append(f"mean  {result['mean']:>7.2f} ± {result['ci95']:.2f} (95% CI over {result['runs']} runs), "
-                 f"{steps} steps of lr {lr}")
-    return {**result, "steps": steps, "lr": lr, "table": "\n".join(lines)}
+                 f"{steps} steps of lr {shown}")
+    return {**result, "steps": steps, "lr": shown, "table": "\n".join(lines)}

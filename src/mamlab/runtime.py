@@ -46,12 +46,12 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from mamlab.config import PRECISIONS
 from mamlab.errors import MamlabError, check_choice, check_positive
 
 __all__ = ["DEVICES_HELP", "PRECISIONS", "Distributed", "precision_context", "resolve_device"]
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
-PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 
 

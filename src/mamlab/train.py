@@ -1,17 +1,24 @@
-"""The meta-training loop: Adam on θ with the MAML meta-gradient (or the pretrain baseline).
+"""The meta-training loop, the same for every algorithm, on any device and on many processes.
+
+Each iteration: draw the meta-batch from the task stream (on the CPU, so every device and every
+number of processes sees the same tasks), take this process's share of its tasks, move it to the
+device, ``algorithm.meta_loss(share).backward()``, all-reduce the meta-gradient across processes
+(``mamlab.runtime.Distributed``), one step of Adam on ``algorithm.parameters()``.
 
 A run directory holds everything about a run::
 
-    RUN/config.json          the resolved TrainConfig
+    RUN/config.json          the resolved TrainConfig (run, task and algorithm options)
     RUN/metadata.json        versions of mamlab, torch and Python, git revision, start time
     RUN/metrics.jsonl        one line per iteration (meta_loss; val_loss every val_every)
     RUN/tensorboard/         the same scalars for TensorBoard
     RUN/checkpoints/         iter_NNNNNN/ every checkpoint_every iterations, and ``latest``
-    RUN/model.safetensors    the final parameters
+    RUN/model.safetensors    the final parameters of the model
+    RUN/algorithm.safetensors  the algorithm's own learned state, if it has any (e.g. step sizes)
 
-Resuming (``train(..., resume=True)``) restores parameters, Adam's state, the task stream's and
-the global RNG states and the iteration from the latest checkpoint; the run then continues
-exactly as if never interrupted (bitwise on CPU).
+Resuming (``train(..., resume=True)``) restores parameters, the algorithm's state, Adam's state,
+the task stream's and the global RNG states and the iteration from the latest checkpoint; the run
+then continues exactly as if never interrupted (bitwise on CPU). Under ``torchrun`` rank 0 alone
+writes; every rank reads the checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -30,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mamlab.algorithms.maml import MAML
+from mamlab.algorithms import MetaAlgorithm, build_algorithm
 from mamlab.checkpoint import (
     capture_rng_states,
     check_model_state,
@@ -41,18 +48,19 @@ from mamlab.checkpoint import (
     save_checkpoint,
     save_model,
 )
-from mamlab.config import TrainConfig, meta_lr_at
+from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
-from mamlab.experiment import build_family, build_model, loss_for
+from mamlab.experiments import build_family, build_model, loss_for
 from mamlab.runlog import RunLogger, run_metadata, write_json_atomic
-from mamlab.tasks.base import TaskBatch
+from mamlab.runtime import Distributed, precision_context, resolve_device
 
-__all__ = ["train", "load_run", "read_config", "Run", "TrainingDiverged", "TrainingInterrupted",
-           "pretrain_loss", "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
+__all__ = ["train", "load_run", "read_config", "build_run_algorithm", "algorithm_state", "Run",
+           "TrainingDiverged", "TrainingInterrupted", "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
+ALGORITHM_FILE = "algorithm.safetensors"
 #: The training task stream uses ``seed``; validation tasks ``VAL_SEED_OFFSET + seed``.
 TRAIN_SEED_OFFSET = 0
 VAL_SEED_OFFSET = 2_000_029
@@ -68,19 +76,36 @@ class TrainingInterrupted(MamlabError):
 
 @dataclass
 class Run:
-    """A trained model with its configuration, as loaded from a run directory."""
+    """A trained algorithm (with its model) and its configuration, as loaded from a run directory."""
 
     path: Path
     config: TrainConfig
-    model: nn.Module
+    algorithm: MetaAlgorithm
     iteration: int | None = None
 
+    @property
+    def model(self) -> nn.Module:
+        """The trained network."""
+        return self.algorithm.model
 
-def pretrain_loss(model: nn.Module, loss_fn: Callable, batch: TaskBatch) -> torch.Tensor:
-    """Finn et al.'s baseline: ordinary supervised loss on every example of every task, pooled."""
-    x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)
-    y = torch.cat([batch.support_y, batch.query_y], 1).flatten(0, 1)
-    return loss_fn(model(x), y)
+
+def build_run_algorithm(config: TrainConfig, model: nn.Module | None = None) -> MetaAlgorithm:
+    """The run's algorithm (its registry name and options) around ``model`` (default: a fresh one)."""
+    model = build_model(config) if model is None else model
+    return build_algorithm(config.algorithm, model, loss_for(config), config.algorithm_options,
+                           execution=config.execution, task_chunk=config.task_chunk)
+
+
+def algorithm_state(algorithm: MetaAlgorithm) -> dict[str, torch.Tensor]:
+    """The algorithm's own state (learned step sizes, ...): its ``state_dict`` less the model's."""
+    return {k: v for k, v in algorithm.state_dict().items() if not k.startswith("model.")}
+
+
+def _load_algorithm_state(algorithm: MetaAlgorithm, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    check_model_state(algorithm_state(algorithm), state, source=source)
+    if state:
+        algorithm.load_state_dict({**{f"model.{k}": v for k, v in algorithm.model.state_dict().items()},
+                                   **state})
 
 
 def read_config(run_dir: Path) -> TrainConfig:
@@ -92,24 +117,35 @@ def read_config(run_dir: Path) -> TrainConfig:
         raise MamlabError(f"{run_dir} is not a mamlab run: {path.name} is missing") from None
     except (OSError, ValueError) as e:
         raise MamlabError(f"{path}: cannot read the run configuration: {e}") from None
-    return TrainConfig.from_dict(values, str(path)).validate()
+    if not isinstance(values, dict):
+        raise MamlabError(f"{path}: not a run configuration (expected a JSON object)")
+    return TrainConfig.from_dict(values, str(path))
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
-    """Load a run's config and model: the final model, else (or if asked) a checkpoint's."""
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None,
+             device: torch.device | str = "cpu") -> Run:
+    """Load a run's config and algorithm: the final model, else (or if asked) a checkpoint's.
+
+    Runs written by mamlab 0.1.0 load too. The algorithm is moved to ``device``.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MamlabError(f"run directory {str(run_dir)!r} does not exist")
     config = read_config(run_dir)
-    model = build_model(config)
+    algorithm = build_run_algorithm(config)
     if checkpoint is None and (run_dir / MODEL_FILE).exists():
         state = load_model(run_dir / MODEL_FILE)
-        check_model_state(model.state_dict(), state, source=run_dir / MODEL_FILE)
-        model.load_state_dict(state)
-        return Run(run_dir, config, model, config.iterations)
-    ckpt = load_checkpoint(checkpoint if checkpoint is not None else run_dir)
-    ckpt.restore(model)
-    return Run(run_dir, config, model, ckpt.iteration)
+        check_model_state(algorithm.model.state_dict(), state, source=run_dir / MODEL_FILE)
+        algorithm.model.load_state_dict(state)
+        extra = load_model(run_dir / ALGORITHM_FILE) if (run_dir / ALGORITHM_FILE).exists() else {}
+        _load_algorithm_state(algorithm, extra, run_dir / ALGORITHM_FILE)
+        iteration = config.iterations
+    else:
+        ckpt = load_checkpoint(checkpoint if checkpoint is not None else run_dir)
+        ckpt.restore(algorithm.model)
+        _load_algorithm_state(algorithm, (ckpt.extra or {}).get("algorithm_state", {}), ckpt.path)
+        iteration = ckpt.iteration
+    return Run(run_dir, config, algorithm.to(resolve_device(device)), iteration)
 
 
 def _prepare_dir(out_dir: Path, resume: bool, force: bool) -> None:
@@ -164,14 +200,26 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _finite_grads(model: nn.Module) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+class _NoLog:
+    """Stands in for the RunLogger on ranks other than 0, which write nothing."""
+
+    def __enter__(self) -> _NoLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def log(self, iteration: int, **metrics: Any) -> None:
+        return None
 
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
-          progress: bool = True, iterations: int | None = None,
+          progress: bool = True, iterations: int | None = None, changes: Mapping[str, Any] | None = None,
           echo: Callable[[str], None] = print) -> Run:
     """Meta-train per ``config`` into ``out_dir``; ``resume=True`` continues the run there.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this function: each takes its share
+    of every meta-batch's tasks, the meta-gradient is all-reduced, and rank 0 alone writes.
 
     Args:
         config: the run's configuration (ignored when resuming: the saved one is used).
@@ -180,93 +228,135 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         force: replace whatever ``out_dir`` holds (only once the new run is ready to start).
         progress: show a progress bar with the ETA and the current meta-loss.
         iterations: with ``resume``, a new total number of iterations (to extend a run).
-        echo: where one-line messages go.
+        changes: with ``resume``, new values of run options that may change
+            (``RESUMABLE_OPTIONS``: device, precision, ...).
+        echo: where one-line messages go (rank 0 only).
 
     Returns:
         The trained ``Run``.
     """
     out_dir = Path(out_dir)
-    _prepare_dir(out_dir, resume, force)
+    changes = dict(changes or {})
+    if iterations is not None:
+        changes["iterations"] = iterations
     if resume:
-        config = read_config(out_dir)
-        if iterations is not None:
-            config.iterations = iterations
-            config.validate()
+        config = read_config(out_dir) if (out_dir / CONFIG_FILE).exists() else None
+        fixed = sorted(set(changes) - set(RESUMABLE_OPTIONS))
+        if fixed:
+            raise MamlabError(f"{fixed[0]} cannot change when resuming; options that can: "
+                              f"{', '.join(RESUMABLE_OPTIONS)}")
+        if config is not None and changes:
+            config = config.with_options(**changes)
     elif config is None:
         raise MamlabError("train needs a config unless resuming")
     else:
-        config.validate()
+        config = config.validate()
+    device = resolve_device(config.device if config is not None else "auto")
+    dist = Distributed.from_env(device)
+    try:
+        return _train(config, out_dir, dist, resume, force, progress, bool(changes), echo)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume: bool, force: bool,
+           progress: bool, changed: bool, echo: Callable[[str], None]) -> Run:
+    # one rank checks the directory and tells the others, so they all stop on the same error
+    problem = None
+    if dist.is_main:
+        try:
+            _prepare_dir(out_dir, resume, force)
+        except MamlabError as e:
+            problem = str(e)
+    problem = dist.broadcast_object(problem)
+    if problem is not None:
+        raise MamlabError(problem)
+    assert config is not None
+    device = dist.device
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-
     family = build_family(config, "train")
     val_family = build_family(config, "validation")
     torch.manual_seed(config.seed)
-    model = build_model(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.meta_lr)
-    loss_fn = loss_for(config)
-    maml = MAML(model, loss_fn, config.inner_lr, config.inner_steps, config.first_order,
-                execution=config.execution)
+    algorithm = build_run_algorithm(config).to(device)  # initialized on the CPU: the same θ on every device
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=config.meta_lr)
     tasks = torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed)
     val_batch = val_family.sample(config.val_tasks, config.shots, config.queries,
-                                  torch.Generator().manual_seed(VAL_SEED_OFFSET + config.seed))
+                                  torch.Generator().manual_seed(VAL_SEED_OFFSET + config.seed)).to(device)
+    dist.task_share(config.meta_batch)  # a meta-batch too small to split is an error before anything runs
     start, skipped = 0, 0
     if resume:
         if latest_checkpoint(out_dir) is not None:
             ckpt = load_checkpoint(out_dir)
-            ckpt.restore(model, optimizer)
+            ckpt.restore(algorithm.model, optimizer)
+            _load_algorithm_state(algorithm, (ckpt.extra or {}).get("algorithm_state", {}), ckpt.path)
             restore_rng_states(ckpt.rng_states, {"tasks": tasks})
             start = ckpt.iteration
             skipped = int((ckpt.extra or {}).get("skipped", 0))
-        if iterations is not None:  # the run now has a new length: its config says so
+        if start > config.iterations:
+            raise MamlabError(f"the run has already trained {start} iterations; --iterations must be at "
+                              f"least that, got {config.iterations}")
+        if changed and dist.is_main:  # the run now has a new length or device: its config says so
             write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
-        echo(f"resuming {out_dir} from iteration {start} of {config.iterations}")
-    else:
+        if dist.is_main:
+            echo(f"resuming {out_dir} from iteration {start} of {config.iterations}")
+    elif dist.is_main:
         if force and out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
-        write_json_atomic(out_dir / "metadata.json", run_metadata())
+        write_json_atomic(out_dir / "metadata.json", {**run_metadata(), "device": str(device),
+                                                      "processes": dist.world_size})
+    dist.barrier()
 
     def checkpoint(iteration: int, metrics: dict[str, Any]) -> None:
-        save_checkpoint(out_dir, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
-                        rng_states=capture_rng_states({"tasks": tasks}), iteration=iteration,
-                        config=config.to_dict(), metrics=metrics, extra={"skipped": skipped})
+        if dist.is_main:
+            save_checkpoint(out_dir, model_state=algorithm.model.state_dict(),
+                            optimizer_state=optimizer.state_dict(),
+                            rng_states=capture_rng_states({"tasks": tasks}), iteration=iteration,
+                            config=config.to_dict(), metrics=metrics,
+                            extra={"skipped": skipped, "algorithm_state": algorithm_state(algorithm)})
 
     def validate() -> dict[str, float]:
         """Held-out query loss (and accuracy) after the inner steps, on fixed validation tasks."""
-        losses, accs = per_task_scores(maml, config, val_batch, [config.inner_steps], config.inner_lr)
-        out = {"val_loss": float(losses[config.inner_steps].mean())}
+        steps = algorithm.inner_steps
+        losses, accs = per_task_scores(algorithm, config, val_batch, [steps])
+        out = {"val_loss": float(losses[steps].mean())}
         if accs:
-            out["val_accuracy"] = float(accs[config.inner_steps].mean())
+            out["val_accuracy"] = float(accs[steps].mean())
         return out
 
     from tqdm.auto import tqdm
 
+    share = dist.task_share(config.meta_batch)
+    weight = dist.weight(config.meta_batch)
     last: dict[str, Any] = {}
-    bar = tqdm(total=config.iterations, initial=start, disable=not progress, unit="it",
-               dynamic_ncols=True, desc=f"{config.method} {config.task}")
-    with RunLogger(out_dir, resume_from_iteration=start if resume else None) as log, _StopSignals() as stop:
-        if start == 0 and not (out_dir / "checkpoints").exists():
+    bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist.is_main), unit="it",
+               dynamic_ncols=True, desc=f"{config.algorithm} {config.task}")
+    logger = RunLogger(out_dir, resume_from_iteration=start if resume else None) if dist.is_main else _NoLog()
+    with logger as log, _StopSignals() as stop:
+        if start == 0 and dist.is_main and not (out_dir / "checkpoints").exists():
             checkpoint(0, {})
         t0 = time.perf_counter()
         for it in range(start + 1, config.iterations + 1):
             batch = family.sample(config.meta_batch, config.shots, config.queries, tasks)
             optimizer.zero_grad(set_to_none=True)
-            if config.method == "pretrain":
-                loss = pretrain_loss(model, loss_fn, batch)
-            else:
-                loss = maml.meta_loss(batch)
-            loss.backward()
-            value = float(loss.detach())
-            if not math.isfinite(value) or not _finite_grads(model):
+            with precision_context(config.precision, device):
+                loss = algorithm.meta_loss(batch.slice(share).to(device))
+                loss.backward()
+            value, stopping = dist.all_reduce_gradients(
+                algorithm.parameters(), weight, [weight * float(loss.detach()), float(bool(stop.received))])
+            if stopping and stop.received is None:
+                stop.received = "a stop signal on another process"
+            if not math.isfinite(value) or not _finite_grads(algorithm):
                 if not config.skip_nonfinite:
                     bar.close()
                     raise TrainingDiverged(
                         f"non-finite {'meta-gradient' if math.isfinite(value) else 'meta-loss'} "
-                        f"at iteration {it} (loss {value}); likely causes: inner_lr {config.inner_lr} or "
-                        f"meta_lr {config.meta_lr} too large; the last good checkpoint is kept in "
-                        f"{out_dir / 'checkpoints'}; pass --skip-nonfinite to skip such meta-batches"
+                        f"at iteration {it} (loss {value}); likely causes: the inner learning rate "
+                        f"({_inner_lr_text(config)}) or meta_lr {config.meta_lr} too large; the last "
+                        f"good checkpoint is kept in {out_dir / 'checkpoints'}; pass --skip-nonfinite "
+                        "to skip such meta-batches"
                     )
                 skipped += 1
                 log.log(it, meta_loss=value, skipped=skipped)
@@ -278,8 +368,9 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
             last = {"meta_loss": value, "skipped": skipped}
             if config.lr_schedule != "constant":
                 last["meta_lr"] = optimizer.param_groups[0]["lr"]
-            if it % config.val_every == 0 or it == config.iterations:
-                last.update(validate())
+            if dist.is_main and (it % config.val_every == 0 or it == config.iterations):
+                with precision_context(config.precision, device):
+                    last.update(validate())
             log.log(it, **last)
             bar.update(1)
             if it % 50 == 0 or it == config.iterations:
@@ -294,10 +385,24 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
                 )
         elapsed = time.perf_counter() - t0
     bar.close()
-    save_model(out_dir / MODEL_FILE, model.state_dict())
+    if dist.is_main:
+        save_model(out_dir / MODEL_FILE, algorithm.model.state_dict())
+        extra = algorithm_state(algorithm)
+        if extra:
+            save_model(out_dir / ALGORITHM_FILE, extra)
+    dist.barrier()
     done = config.iterations - start
-    if done > 0:
-        echo(f"trained {done} iterations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} it/s); "
-             f"final meta-loss {last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
-    return Run(out_dir, config, model, config.iterations)
+    if done > 0 and dist.is_main:
+        procs = f" on {dist.world_size} processes" if dist.world_size > 1 else ""
+        echo(f"trained {done} iterations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} it/s{procs}, "
+             f"{device}); final meta-loss {last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
+    return Run(out_dir, config, algorithm, config.iterations)
 
+
+def _inner_lr_text(config: TrainConfig) -> str:
+    return f"inner_lr {config.algorithm_options['inner_lr']}" if "inner_lr" in config.algorithm_options \
+        else "the algorithm's inner step sizes"
+
+
+def _finite_grads(algorithm: nn.Module) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in algorithm.parameters())
