@@ -34,7 +34,7 @@ import torch
 
 from mamlab.config import resolve_config
 from mamlab.evaluate import evaluate_model, evaluate_on_oneshot_runs
-from mamlab.tasks.omniglot_runs import (
+from mamlab.tasks.omniglot.oneshot import (
     evaluate_runs,
     load_runs,
     modified_hausdorff_classifier,

@@ -180,7 +180,7 @@ def evaluate_on_oneshot_runs(model: nn.Module | MetaAlgorithm, config: TrainConf
     Returns:
         ``{"errors": [% per run], "mean": %, "ci95": %, "runs": 20, "steps", "lr", "table"}``.
     """
-    from mamlab.tasks.omniglot_runs import evaluate_runs, load_runs
+    from mamlab.tasks.omniglot.oneshot import evaluate_runs, load_runs
 
     if config.task != "omniglot":
         raise MamlabError(f"--omniglot-runs needs an omniglot run, this run's task is {config.task!r}")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from mamlab.errors import MamlabError
-from mamlab.tasks.omniglot import OmniglotTasks
-from mamlab.tasks.omniglot_runs import (
+from mamlab.tasks.omniglot.oneshot import (
     evaluate_runs,
     load_runs,
     modified_hausdorff_classifier,
@@ -14,6 +13,7 @@ from mamlab.tasks.omniglot_runs import (
     runs_pool,
     stroke_points,
 )
+from mamlab.tasks.omniglot.sampler import OmniglotTasks
 
 
 @pytest.fixture(scope="module")
