@@ -45,17 +45,24 @@ def test_print_config_and_toml(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     cfg.write_text('inner_lr = 0.02\nmeta_batch = 7\nhidden = [20, 20]\n')
     assert main(["train", "sinusoid", "--config", str(cfg), "--meta-batch", "9", "--print-config"]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved["inner_lr"] == 0.02 and resolved["meta_batch"] == 9 and resolved["hidden"] == [20, 20]
-    assert resolved["iterations"] == 70000  # the paper's default
+    assert resolved["algorithm_options"]["inner_lr"] == 0.02 and resolved["run"]["meta_batch"] == 9
+    assert resolved["task_options"]["hidden"] == [20, 20]
+    assert resolved["run"]["iterations"] == 70000  # the paper's default
     assert main(["train", "omniglot", "--data", "x", "--ways", "20", "--print-config"]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert (resolved["inner_steps"], resolved["inner_lr"], resolved["meta_batch"]) == (5, 0.1, 16)
+    assert (resolved["algorithm_options"]["inner_steps"], resolved["algorithm_options"]["inner_lr"],
+            resolved["run"]["meta_batch"]) == (5, 0.1, 16)
+    # only what applies: no sinusoid keys for omniglot, no first_order for the pretrain baseline
+    assert "amplitude" not in resolved["task_options"] and "ways" in resolved["task_options"]
+    assert main(["train", "sinusoid", "--algorithm", "pretrain", "--print-config"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["algorithm"] == "pretrain" and set(resolved["algorithm_options"]) == {"inner_lr", "inner_steps"}
 
 
 def test_baseline_trains_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "pre"
     assert main(["train", "sinusoid", "--baseline", "pretrain", "--out", str(out), *SMALL]) == 0
-    assert json.loads((out / "config.json").read_text())["method"] == "pretrain"
+    assert json.loads((out / "config.json").read_text())["algorithm"] == "pretrain"
     assert main(["eval", str(out), "--tasks", "20", "--json"]) == 0
 
 
@@ -72,10 +79,24 @@ BAD = [
     (["train", "sinusoid", "--execution", "gpu"], "unknown execution 'gpu'; allowed: auto, batched"),
     (["train", "sinusoid", "--lr-schedule", "step"], "unknown lr_schedule 'step'; allowed: constant, cosine"),
     (["train", "sinusoid", "--seed", "-1"], "seed must be an integer >= 0, got -1"),
-    (["train", "sinusoid", "--amplitude", "5,1"], "amplitude must be two finite numbers low <= high"),
-    (["train", "sinusoid", "--amplitude", "1"], "expected two numbers LOW,HIGH, got '1'"),
-    (["train", "sinusoid", "--hidden", "4,a"], "expected comma-separated integers, got '4,a'"),
-    (["train", "sinusoid", "--iterations", "ten"], "invalid int value: 'ten'"),
+    (["train", "sinusoid", "--amplitude", "5,1"], "amplitude must be two finite numbers LOW,HIGH with LOW <= HIGH"),
+    (["train", "sinusoid", "--amplitude", "1"], "amplitude must be two finite numbers LOW,HIGH with LOW <= HIGH, got [1.0]"),
+    (["train", "sinusoid", "--hidden", "4,a"], "hidden must be a list of integers (each > 0), got '4,a'"),
+    (["train", "sinusoid", "--iterations", "ten"], "iterations must be an integer > 0, got 'ten'"),
+    (["train", "omniglot", "--data", "x", "--amplitude", "1,2"],
+     "option 'amplitude' applies to task sinusoid, not to task 'omniglot' with algorithm 'maml'"),
+    (["train", "sinusoid", "--ways", "5"], "option 'ways' applies to task omniglot, not to task 'sinusoid'"),
+    (["train", "sinusoid", "--algorithm", "pretrain", "--first-order"],
+     "option 'first_order' applies to algorithm maml and algorithm anil, not to task 'sinusoid' with algorithm 'pretrain'"),
+    (["train", "sinusoid", "--algorithm", "reptyle"], "unknown algorithm 'reptyle'; allowed: maml, fomaml, anil, pretrain"),
+    (["train", "sinusoid", "--preset", "nope"], "unknown preset 'nope'; allowed: omniglot-minimal-20way, sinusoid-finn2017"),
+    (["train", "sinusoid", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["train", "sinusoid", "--device", "cuda:7", "--out", "{tmp}/o"], "device 'cuda:7' is not available here"),
+    (["train", "sinusoid", "--precision", "fp16"], "unknown precision 'fp16'; allowed: fp32, tf32, bf16"),
+    (["train", "sinusoid", "--config", "{tmp}/string.toml"], "first_order must be true or false, got 'no'"),
+    (["train", "--resume", "{run}", "--inner-lr", "0.5"], "--inner-lr cannot be given with --resume"),
+    (["train", "--resume", "{run}", "--iterations", "1"], "the run has already trained 20 iterations; --iterations must be at least that, got 1"),
+    (["eval", "{run}", "--device", "cuda:7"], "device 'cuda:7' is not available here"),
     (["train", "sinusoid"], "train needs --out DIR"),
     (["train"], "train needs a TASK"),
     (["train", "omniglot", "--out", "{tmp}/o"], "omniglot needs --data PATH"),
@@ -83,7 +104,7 @@ BAD = [
     (["train", "--resume", "{tmp}/nothing"], "cannot resume: '{tmp}/nothing' holds no run"),
     (["train", "sinusoid", "--config", "{tmp}/missing.toml"], "config file '{tmp}/missing.toml' does not exist"),
     (["train", "sinusoid", "--config", "{tmp}/bad.toml"], "is not valid TOML"),
-    (["train", "sinusoid", "--config", "{tmp}/unknown.toml"], "unknown key 'inner_rate'; allowed:"),
+    (["train", "sinusoid", "--config", "{tmp}/unknown.toml"], "unknown.toml: unknown option 'inner_rate'"),
     (["eval", "{tmp}/nothing"], "run directory '{tmp}/nothing' does not exist"),
     (["eval", "{tmp}"], "is not a mamlab run: config.json is missing"),
     (["eval", "{run}", "--steps", "1,x"], "steps must be comma-separated integers >= 0, got '1,x'"),
@@ -99,6 +120,7 @@ def test_bad_input_one_line_error_nothing_changed(argv: list[str], message: str,
                                                   capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "bad.toml").write_text("inner_lr = = 3\n")
     (tmp_path / "unknown.toml").write_text("inner_rate = 3\n")
+    (tmp_path / "string.toml").write_text('first_order = "no"\n')
     fill = {"tmp": str(tmp_path), "run": str(run_dir)}
     argv = [a.format(**fill) for a in argv]
     message = message.format(**fill)

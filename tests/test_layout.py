@@ -3,20 +3,19 @@
 Every module under ``src/mamlab`` is parsed with ``ast``; nothing is imported or executed.
 
 Layers, lowest first. A module may import from its own layer and the layers below it, never above.
-Data flows: tasks → algorithm → config → experiment → train/evaluate → analysis (+ report rendering)
-→ cli.
+Data flows: core → models, tasks → algorithms → experiments → config → train/evaluate → analysis
+(+ report rendering) → cli.
 
     layer  top-level names under mamlab            what they are
     -----  --------------------------------------  ------------------------------------------------
-      0    errors, stats                           one-line errors, confidence intervals
-      1    functional, batched, losses, core       pure tensor code (``core/`` when it is gathered)
-      2    models, tasks                           networks; task families and TaskBatch
-      3    algorithms                              MAML (and the algorithms to come)
+      0    errors, stats, options                  one-line errors, confidence intervals, typed options
+      1    core                                    pure tensor code: TaskBatch, parameter dicts, the
+                                                   batched MLP, per-task losses, the execution engine
+      2    models, tasks                           networks; task families
+      3    algorithms                              the MetaAlgorithm contract, MAML, ANIL, ..., registry
       4    mamlab (the package's ``__init__``)     the public API: MAML, TaskBatch, models, tasks
-      5    config                                  validated run options; may name algorithms'
-                                                   choices (config imports algorithms.maml)
-      6    experiment, experiments                 a config → its task family, model, loss
-                                                   (experiment imports config.TrainConfig)
+      5    experiments                             a task family's options, defaults, model, loss
+      6    config, presets                         run + task + algorithm options, validated; presets
       7    runtime, checkpoint, runlog,            running: training, evaluation, what they write
            train, evaluate
       8    report                                  rendering only: HTML page, plots, figures
@@ -41,13 +40,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mamlab"
 
 #: Top-level names under ``mamlab`` by layer, lowest first (see the table above).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "stats"),
-    ("functional", "batched", "losses", "core"),
+    ("errors", "stats", "options"),
+    ("core",),
     ("models", "tasks"),
     ("algorithms",),
     ("mamlab",),
-    ("config",),
-    ("experiment", "experiments"),
+    ("experiments",),
+    ("config", "presets"),
     ("runtime", "checkpoint", "runlog", "train", "evaluate"),
     ("report",),
     ("analysis",),

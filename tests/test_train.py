@@ -36,7 +36,7 @@ def test_train_writes_a_self_describing_run(tmp_path: Path) -> None:
     config = resolve_config("sinusoid", None, SMALL)
     run = train(config, tmp_path / "run", progress=False, echo=lambda s: None)
     d = tmp_path / "run"
-    assert json.loads((d / "config.json").read_text())["iterations"] == 30
+    assert json.loads((d / "config.json").read_text())["run"]["iterations"] == 30
     meta = json.loads((d / "metadata.json").read_text())
     assert meta["torch_version"] == torch.__version__ and "mamlab_version" in meta
     metrics = read_metrics(d)
@@ -139,7 +139,7 @@ def test_existing_run_is_never_overwritten(tmp_path: Path) -> None:
     assert snapshot(tmp_path / "run") == before
     train(resolve_config("sinusoid", None, {**SMALL, "iterations": 6}), tmp_path / "run", force=True,
           progress=False, echo=lambda s: None)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 6
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["iterations"] == 6
 
 
 def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
     full = train(resolve_config("sinusoid", None, {**SMALL, "iterations": 30}), tmp_path / "full",
                  progress=False, echo=lambda s: None)
     extended = train(None, tmp_path / "run", resume=True, iterations=30, progress=False, echo=lambda s: None)
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["iterations"] == 30
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["iterations"] == 30
     for p, q in zip(full.model.parameters(), extended.model.parameters(), strict=True):
         assert torch.equal(p, q)
 

@@ -1,10 +1,12 @@
-"""mamlab: Model-Agnostic Meta-Learning, task-vectorized, with generalization analysis."""
+"""mamlab: Model-Agnostic Meta-Learning and its family, task-vectorized, with generalization analysis."""
 
 from mamlab import models, tasks
-from mamlab.algorithms.maml import MAML
+from mamlab.algorithms import ANIL, MAML, MetaAlgorithm, Pretrain, build_algorithm
+from mamlab.core.batch import TaskBatch
 from mamlab.errors import MamlabError
-from mamlab.tasks.base import TaskBatch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
-__all__ = ["MAML", "TaskBatch", "MamlabError", "models", "tasks", "__version__"]
+__all__ = ["MAML", "ANIL", "Pretrain", "MetaAlgorithm", "build_algorithm", "TaskBatch", "MamlabError",
+           "models",
+           "tasks", "__version__"]

@@ -278,7 +278,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if (args.runs[0] / "config.json").exists():
         _threads_for(read_config(args.runs[0]).task, args.threads)
     path = analyze_runs(args.runs, args.out, tasks=args.tasks, seed=args.seed, steps=args.steps,
-                        studies=args.studies, force=args.force,
+                        studies=args.studies, force=args.force, device=_device(args),
                         progress=not args.no_progress and sys.stderr.isatty())
     print(f"report: {path}")
     return 0
@@ -289,7 +289,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     _threads_for("sinusoid", None)
 
-    run_demo(args.out, iterations=args.iterations, seed=args.seed,
+    _device(args)  # a device that is not here: one line before anything runs
+    run_demo(args.out, iterations=args.iterations, seed=args.seed, device=args.device,
              progress=not args.no_progress and sys.stderr.isatty())
     return 0
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -287,13 +287,12 @@ def resolve_config(task: str, file_values: Mapping[str, Any] | None = None,
     file_task = top.pop("task", task)
     if file_task != task:
         raise MamlabError(f"{source}: task {file_task!r} does not match the command's task {task!r}")
-    if "method" in top:  # mamlab 0.1.0's files
-        method = top.pop("method")
-        if method not in ("maml", "pretrain"):
-            raise MamlabError(f"{source}: unknown method {method!r}; allowed: maml, pretrain")
-        top.setdefault("algorithm", "pretrain" if method == "pretrain" else "maml")
-    if "method" in overrides:
-        overrides.setdefault("algorithm", "pretrain" if overrides.pop("method") == "pretrain" else "maml")
+    for values, where in ((top, f"{source}: "), (overrides, "")):
+        if "method" in values:  # mamlab 0.1.0's key
+            method = values.pop("method")
+            if method not in ("maml", "pretrain"):
+                raise MamlabError(f"{where}unknown method {method!r}; allowed: maml, pretrain")
+            values.setdefault("algorithm", method)
     name = algorithm or overrides.pop("algorithm", None) or top.pop("algorithm", None) or "maml"
     top.pop("algorithm", None)
     if not isinstance(name, str):
@@ -315,7 +314,9 @@ def resolve_config(task: str, file_values: Mapping[str, Any] | None = None,
                 if owners:
                     raise MamlabError(f"{where}option {key!r} applies to {' and '.join(owners)}, not to task "
                                       f"{task!r} with algorithm {name!r}")
-                raise MamlabError(f"{where}unknown option {key!r}")
+                raise MamlabError(f"{where}unknown option {key!r}; the options of task {task!r} with "
+                                  f"algorithm {name!r} are listed by mamlab train {task} --algorithm {name} "
+                                  "--print-config")
 
     route(top, f"{source}: ")
     file_run, file_task_opts, file_algo_opts = dict(run), dict(task_opts), dict(algo_opts)

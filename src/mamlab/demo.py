@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from mamlab.algorithms.maml import MAML
 from mamlab.config import resolve_config
 from mamlab.errors import check_positive
 from mamlab.evaluate import EvalResult, eval_generator, evaluate_model
@@ -48,12 +46,13 @@ def _figure(runs: dict[str, Run], path: Path, seed: int) -> Path:
         sx = family.inputs(1, shots, gen)
         sy = family.function(task, sx)
         for name, run in runs.items():
-            maml = MAML(run.model, F.mse_loss, inner_lr=run.config.inner_lr)
+            algorithm = run.algorithm  # adapts as trained: SGD at the run's inner_lr for both here
+            device = next(algorithm.parameters()).device
             preds, params, done = {}, None, 0
             for steps in (0, 1, 10):
-                params = maml.adapt(sx, sy, steps=steps - done, start=params)
+                params = algorithm.adapt(sx.to(device), sy.to(device), steps=steps - done, start=params)
                 done = steps
-                preds[steps] = maml.predict(params, grid)[0, :, 0].numpy()
+                preds[steps] = algorithm.predict(params, grid.to(device))[0, :, 0].cpu().numpy()
             panels.append({"title": f"{name}, K={shots}", "support_x": sx[0, :, 0].numpy(),
                            "support_y": sy[0, :, 0].numpy(), "predictions": preds})
     return sinusoid_adaptation_figure(path, grid[0, :, 0].numpy(), truth[0, :, 0].numpy(), panels,
@@ -87,8 +86,11 @@ def _ci(values: torch.Tensor) -> float:
 
 
 def run_demo(out: str | Path | None = None, iterations: int | None = None, seed: int = 0,
-             progress: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: bool = False, echo: Callable[[str], None] = print,
+             device: str = "auto") -> dict[str, Any]:
     """Train MAML and the pretrain baseline on sinusoids, evaluate both, plot, and report.
+
+    ``device`` (auto, cpu, cuda or cuda:N) is where both train, are evaluated and analysed.
 
     Returns:
         A dict with the output directory, the evaluation summaries and the paths written.
@@ -97,16 +99,16 @@ def run_demo(out: str | Path | None = None, iterations: int | None = None, seed:
     check_positive("iterations", iterations, integer=True)
     out_dir = fresh_directory(Path(out) if out is not None else Path("mamlab-demo"))
     echo(f"mamlab demo: MAML vs pretraining on sinusoids, {iterations} iterations each -> {out_dir}")
-    common = {"iterations": iterations, "seed": seed, "val_every": max(1, iterations // 10),
+    common = {"iterations": iterations, "seed": seed, "device": device, "val_every": max(1, iterations // 10),
               "checkpoint_every": max(1, iterations // 10)}
     runs: dict[str, Run] = {}
     t0 = time.perf_counter()
     for name, method in (("MAML", "maml"), ("pretrained", "pretrain")):
-        config = resolve_config("sinusoid", None, {**common, "method": method})
+        config = resolve_config("sinusoid", None, common, algorithm=method)
         runs[name] = train(config, out_dir / method, progress=progress, echo=echo)
     train_time = time.perf_counter() - t0
     echo("evaluating both on the same 600 held-out tasks (5-shot, α = 0.01) ...")
-    results = {name: evaluate_model(run.model, run.config, shots=5, steps=EVAL_STEPS, num_tasks=600,
+    results = {name: evaluate_model(run.algorithm, run.config, shots=5, steps=EVAL_STEPS, num_tasks=600,
                                      seed=seed) for name, run in runs.items()}
     table = comparison_table(results)
     echo("\nmean query MSE on 600 held-out sinusoid tasks, 5 support points, after k inner steps:")
@@ -131,7 +133,7 @@ def run_demo(out: str | Path | None = None, iterations: int | None = None, seed:
     except ImportError:  # the analysis report is optional for the demo
         return outputs
     report = analyze_runs([out_dir / "maml", out_dir / "pretrain"], out_dir / "report", progress=progress,
-                          echo=echo)
+                          echo=echo, device=device)
     echo(f"generalization report: {report}")
     outputs["report"] = report
     return outputs

@@ -19,7 +19,7 @@ __all__ = ["Option", "KINDS", "check_options"]
 #: What an option's value can be.
 KINDS = ("int", "float", "bool", "str", "ints", "strs", "range")
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "ints": "a list of integers", "strs": "a list of names", "range": "two numbers LOW,HIGH"}
+               "ints": "a list of integers", "strs": "a list of names", "range": "two finite numbers LOW,HIGH with LOW <= HIGH"}
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,11 @@ class Option:
             what += " > 0" if self.kind in ("int", "float") else " (each > 0)"
         elif self.positive == "nonnegative":
             what += " >= 0" if self.kind in ("int", "float") else " (each >= 0)"
+        prefix = f"{source}: " if source else ""
+        if self.choices and isinstance(value, str):
+            return MamlabError(f"{prefix}unknown {self.name} {value!r}; allowed: {', '.join(self.choices)}")
         if self.choices:
             what = "one of " + ", ".join(self.choices)
-        prefix = f"{source}: " if source else ""
         return MamlabError(f"{prefix}{self.name} must be {what}, got {value!r}")
 
     def _number_ok(self, v: Any, integer: bool) -> bool:

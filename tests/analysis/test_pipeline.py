@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlab.algorithms.maml import MAML
+from mamlab.algorithms import InnerLoopAlgorithm
 from mamlab.analysis import pipeline
 from mamlab.analysis.pipeline import STUDIES, analyze_runs
 from mamlab.config import resolve_config
@@ -128,14 +128,14 @@ def test_a_failed_analysis_keeps_the_earlier_report(runs, tmp_path, monkeypatch)
 
 def test_the_pipeline_pairs_episodes_across_learners(runs, tmp_path, monkeypatch):
     seen = []
-    adapt = MAML.adapt
+    adapt = InnerLoopAlgorithm.adapt
 
     def spy(self, support_x, support_y, *args, **kwargs):
         if kwargs.get("start") is None:
             seen.append((support_x, support_y))
         return adapt(self, support_x, support_y, *args, **kwargs)
 
-    monkeypatch.setattr(MAML, "adapt", spy)
+    monkeypatch.setattr(InnerLoopAlgorithm, "adapt", spy)
     analyze_runs([runs["maml"], runs["pretrain"]], tmp_path / "rep", studies=["adaptation"], **FAST)
     assert len(seen) == 4  # MAML, pretrain, ANIL, random init
     assert all(torch.equal(sx, seen[0][0]) and torch.equal(sy, seen[0][1]) for sx, sy in seen)
@@ -173,6 +173,6 @@ def test_analyze_runs_signature_matches_the_demo_and_cli_calls():
 
     sig = inspect.signature(analyze_runs)
     assert list(sig.parameters) == ["runs", "out", "tasks", "seed", "steps", "studies", "force", "progress",
-                                    "echo"]
+                                    "echo", "device"]
     assert re.search(r"analyze_runs\(\[out_dir / \"maml\", out_dir / \"pretrain\"\], out_dir / \"report\", "
-                     r"progress=progress,\s*echo=echo\)", (Path(pipeline.__file__).parents[1] / "demo.py").read_text())
+                     r"progress=progress,\s*echo=echo, device=device\)", (Path(pipeline.__file__).parents[1] / "demo.py").read_text())

@@ -9,8 +9,8 @@ from mamlab.analysis.representations import (
     relative_parameter_change,
     representation_layers,
 )
-from mamlab.errors import MamlabError
 from mamlab.core.params import parameters_of
+from mamlab.errors import MamlabError
 from mamlab.models import MLP, Conv4
 
 

@@ -9,7 +9,7 @@ from mamlab.algorithms.maml import MAML
 from mamlab.analysis import studies as st
 from mamlab.config import resolve_config
 from mamlab.evaluate import eval_generator
-from mamlab.experiment import build_family
+from mamlab.experiments import build_family
 
 
 @pytest.fixture(scope="module")

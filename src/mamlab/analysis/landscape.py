@@ -20,8 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mamlab.errors import MamlabError, check_choice, check_positive
 from mamlab.core.params import Params, forward, parameters_of, sgd_step
+from mamlab.errors import MamlabError, check_choice, check_positive
 
 __all__ = [
     "HessianEigen",

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mamlab.algorithms import MetaAlgorithm
 from mamlab.analysis import studies as st
 from mamlab.analysis.sections import (
     SectionContext,
@@ -55,8 +56,9 @@ from mamlab.checkpoint import list_checkpoints
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
-from mamlab.experiment import build_family, is_classification
+from mamlab.experiments import build_family, is_classification
 from mamlab.report.html import Section, write_report
+from mamlab.runtime import resolve_device
 from mamlab.tasks.base import TaskBatch
 from mamlab.train import Run, load_run
 
@@ -80,7 +82,7 @@ _FAMILY_KEYS = {
     "linear-classification": ("dim", "weight_mean", "weight_std"),
     "omniglot": ("data", "split", "ways"),
 }
-_KIND_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrain": "pretrain"}
+_KIND_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrain": "pretrain", "anil": "ANIL"}
 
 
 # ---------------------------------------------------------------------- inputs
@@ -117,7 +119,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise MamlabError(f"output directory {str(out)!r} is not writable")
 
 
-def _load_runs(paths: Sequence[str | Path]) -> list[Run]:
+def _load_runs(paths: Sequence[str | Path], device: torch.device) -> list[Run]:
     runs = []
     for p in paths:
         path = Path(p)
@@ -127,7 +129,7 @@ def _load_runs(paths: Sequence[str | Path]) -> list[Run]:
             raise MamlabError(
                 f"run {str(path)!r} is not a directory; pass a run directory (mamlab train --out)"
             )
-        runs.append(load_run(path))
+        runs.append(load_run(path, device=device))
     first = _family_signature(runs[0].config)
     for r in runs[1:]:
         sig = _family_signature(r.config)
@@ -140,16 +142,18 @@ def _load_runs(paths: Sequence[str | Path]) -> list[Run]:
 
 
 def _learners(runs: Sequence[Run], seed: int) -> list[st.Learner]:
-    base = [_KIND_NAMES[st.run_kind(r.config)] for r in runs]
+    base = [_KIND_NAMES.get(st.run_kind(r.config), st.run_kind(r.config)) for r in runs]
     names = [b if base.count(b) == 1 else f"{b} ({r.path.name})" for b, r in zip(base, runs, strict=True)]
     if len(set(names)) != len(names):
         names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
     learners = [
-        st.Learner(n, r.model, r.config, st.run_kind(r.config)) for n, r in zip(names, runs, strict=True)
+        st.Learner(n, r.algorithm, r.config, st.run_kind(r.config)) for n, r in zip(names, runs, strict=True)
     ]
     anil = [st.anil_learner(lr) for lr in learners if lr.kind in ("maml", "fomaml")]
     cfg = runs[0].config
-    return learners + anil + [st.Learner("random init", st.random_init_model(cfg, seed), cfg, "random")]
+    device = next(runs[0].model.parameters()).device
+    return learners + anil + [st.Learner("random init", st.random_init_model(cfg, seed).to(device), cfg,
+                                         "random")]
 
 
 def _subset(batch: TaskBatch, n: int) -> TaskBatch:
@@ -186,6 +190,7 @@ def analyze_runs(
     force: bool = False,
     progress: bool = False,
     echo: Callable[[str], None] = print,
+    device: str | torch.device = "cpu",
 ) -> Path:
     """Run the generalization studies on trained runs and write ``out/index.html`` and ``results.json``.
 
@@ -201,6 +206,7 @@ def analyze_runs(
         force: replace an existing report (or other content) in ``out``.
         progress: progress bars on stderr.
         echo: where one-line messages go (the per-study timings).
+        device: where the studies run (auto, cpu, cuda or cuda:N); episodes are drawn on the CPU.
 
     Returns:
         The path of ``out/index.html``.
@@ -218,7 +224,7 @@ def analyze_runs(
     chosen = _check_studies(studies)
     out = Path(out)
     _check_out(out, force)
-    loaded = _load_runs(runs)
+    loaded = _load_runs(runs, resolve_device(device))
     t_start = time.perf_counter()
     cfg = loaded[0].config
     learners = _learners(loaded, seed)
@@ -340,11 +346,14 @@ def analyze_runs(
             "runs": [
                 {
                     "path": str(r.path),
+                    "algorithm": r.config.algorithm,
+                    "algorithm_options": r.config.algorithm_options,
                     "method": r.config.method,
-                    "first_order": r.config.first_order,
+                    "first_order": bool(r.config.algorithm_options.get("first_order",
+                                                                       r.config.algorithm == "fomaml")),
                     "iterations": r.iteration,
-                    "inner_steps": r.config.inner_steps,
-                    "inner_lr": r.config.inner_lr,
+                    "inner_steps": r.algorithm.inner_steps,
+                    "inner_lr": getattr(r.algorithm, "inner_lr", None),
                 }
                 for r in loaded
             ],
@@ -367,7 +376,7 @@ def analyze_runs(
     return out / "index.html"
 
 
-def _snapshots(run: Run) -> list[tuple[int, torch.nn.Module]]:
+def _snapshots(run: Run) -> list[tuple[int, MetaAlgorithm]]:
     """Up to ``MAX_CHECKPOINTS`` evenly spaced checkpoints of a run (first and last included)."""
     paths = list_checkpoints(run.path)
     if len(paths) > MAX_CHECKPOINTS:
@@ -375,8 +384,8 @@ def _snapshots(run: Run) -> list[tuple[int, torch.nn.Module]]:
         paths = [paths[i] for i in idx]
     snaps = []
     for p in paths:
-        loaded = load_run(run.path, checkpoint=p)
-        snaps.append((int(loaded.iteration or 0), loaded.model))
+        loaded = load_run(run.path, checkpoint=p, device=next(run.model.parameters()).device)
+        snaps.append((int(loaded.iteration or 0), loaded.algorithm))
     return snaps
 
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mamlab.errors import MamlabError
 from mamlab.core.params import buffers_of, forward
+from mamlab.errors import MamlabError
 
 __all__ = ["LAYER_TYPES", "representation_layers", "parametrized_layers", "head_parameter_names",
            "layer_label", "capture_representations", "relative_parameter_change"]

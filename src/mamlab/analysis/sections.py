@@ -25,7 +25,7 @@ from typing import Any
 
 from mamlab.analysis import studies as st
 from mamlab.config import TrainConfig
-from mamlab.experiment import is_classification
+from mamlab.experiments import is_classification
 from mamlab.report.html import Figure, Section, Table, format_value
 from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
 from mamlab.stats import Estimate, Median
@@ -365,7 +365,7 @@ def adaptation_section(
             diverged={n: e["query_loss_diverged"] for n, e in L.items()},
         ),
     )
-    shown = sorted({0, 1, min(f, smax), smax} | {min(lr.config.inner_steps, smax) for lr in learners})
+    shown = sorted({0, 1, min(f, smax), smax} | {min(lr.trained_steps, smax) for lr in learners})
     rows = [[n, *(L[n]["query_loss"][s] for s in shown)] for n in L]
     prow = [[n, *(r["paired_query_loss"][n][s] for s in shown)] for n in r["paired_query_loss"]]
     xrow = []
@@ -463,7 +463,7 @@ def adaptation_section(
     for lr in learners:
         if lr.kind not in ("maml", "fomaml"):
             continue
-        x, k = r["extrapolation"][lr.name], min(lr.config.inner_steps, smax)
+        x, k = r["extrapolation"][lr.name], min(lr.trained_steps, smax)
         if k >= smax:
             continue
         E = L[lr.name]
@@ -489,7 +489,7 @@ def adaptation_section(
             )
         qms = x["query_minus_support_median"] if robust else x["query_minus_support"]
         summary.append(
-            f"{lr.name} was meta-trained with {lr.config.inner_steps} inner step(s); from step {k} to "
+            f"{lr.name} was meta-trained with {lr.trained_steps} inner step(s); from step {k} to "
             f"{smax} its query {u} goes from {_fmt(_pick(E, 'query_loss', k, robust))} to "
             f"{_fmt(_pick(E, 'query_loss', smax, robust))} (paired change {_signed(_neg(gain))}): "
             f"{verdict}; {over}. Support {u} at step {smax}: "

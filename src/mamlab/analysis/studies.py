@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mamlab.algorithms.maml import MAML
+from mamlab.algorithms import ANIL, MetaAlgorithm, build_algorithm
 from mamlab.analysis.landscape import gradient_norms_along_inner_trajectory, top_hessian_eigenvalue
 from mamlab.analysis.representations import (
     capture_representations,
@@ -58,11 +58,11 @@ from mamlab.analysis.representations import (
 )
 from mamlab.analysis.similarity import cca_similarity, linear_cka
 from mamlab.config import TrainConfig
+from mamlab.core.losses import per_task_loss
+from mamlab.core.params import forward, parameters_of
 from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
-from mamlab.experiment import accuracy, build_model, is_classification, loss_for
-from mamlab.core.params import forward, parameters_of
-from mamlab.core.losses import per_task_loss
+from mamlab.experiments import accuracy, build_model, is_classification, loss_for
 from mamlab.stats import (
     Estimate,
     Median,
@@ -103,7 +103,7 @@ __all__ = [
     "landscape",
 ]
 
-#: The studies ``mamlab.analysis.report.analyze_runs`` can run, in report order.
+#: The studies ``mamlab.analysis.pipeline.analyze_runs`` can run, in report order.
 STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape")
 #: Kinds of learner: trained runs (maml, fomaml, pretrain) and the baselines derived here.
 KINDS = ("maml", "fomaml", "pretrain", "random", "anil")
@@ -115,40 +115,57 @@ DIVERGENCE_FACTOR = 100.0
 
 @dataclass
 class Learner:
-    """A network adapted per task by SGD on its support set (all parameters, or ``inner_params``).
+    """A trained (or baseline) network with the algorithm that adapts it per task.
 
     Args:
         name: its label in tables and figures (unique among the learners compared).
-        model: the network; never modified.
+        algorithm: the ``MetaAlgorithm`` that adapts it (``load_run(...).algorithm``), or a bare
+            network, which is then adapted by the config's algorithm (ANIL's for ``kind="anil"``).
         config: the run's configuration (task, loss, execution path).
-        kind: one of ``KINDS``.
-        inner_params: the parameters adapted per task (default all; ANIL: the head's).
-        lr: inner SGD step size (default the config's ``inner_lr``).
+        kind: one of ``KINDS``, or a registered algorithm's name.
     """
 
     name: str
-    model: nn.Module
+    algorithm: MetaAlgorithm | nn.Module
     config: TrainConfig
     kind: str
-    inner_params: list[str] | None = None
-    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.algorithm, MetaAlgorithm):
+            options = dict(self.config.algorithm_options)
+            name = "anil" if self.kind == "anil" else self.config.algorithm
+            if name == "anil":
+                options = {k: options[k] for k in ("inner_lr", "inner_steps") if k in options}
+            self.algorithm = build_algorithm(name, self.algorithm, loss_for(self.config), options,
+                                             execution=self.config.execution)
 
     @property
-    def inner_lr(self) -> float:
-        """The inner step size used for this learner."""
-        return float(self.config.inner_lr if self.lr is None else self.lr)
+    def model(self) -> nn.Module:
+        """The network; never modified."""
+        return self.algorithm.model
 
-    def maml(self) -> MAML:
-        """A ``MAML`` wrapper that adapts this learner's network (``adapt``/``predict``)."""
-        return MAML(self.model, loss_for(self.config), inner_lr=self.inner_lr,
-                    execution=self.config.execution, inner_params=self.inner_params)
+    @property
+    def inner_lr(self) -> float | None:
+        """The inner step size of the learner's adaptation, where it has a single one."""
+        lr = getattr(self.algorithm, "inner_lr", None)
+        return None if lr is None else float(lr)
+
+    @property
+    def trained_steps(self) -> int:
+        """The inner steps of the run the network comes from (its config's), else the algorithm's."""
+        return int(self.config.algorithm_options.get("inner_steps", self.algorithm.inner_steps))
+
+    @property
+    def inner_params(self) -> list[str] | None:
+        """The parameters adapted per task (``None``: all)."""
+        return getattr(self.algorithm, "inner_params", None)
 
 
 def run_kind(config: TrainConfig) -> str:
-    """``"pretrain"``, ``"fomaml"`` or ``"maml"``: how a run's network was trained."""
-    if config.method == "pretrain":
-        return "pretrain"
-    return "fomaml" if config.first_order else "maml"
+    """How a run's network was trained: ``"pretrain"``, ``"fomaml"``, ``"maml"`` or the algorithm's name."""
+    if config.algorithm == "maml" and config.algorithm_options.get("first_order"):
+        return "fomaml"
+    return config.algorithm
 
 
 def random_init_model(config: TrainConfig, seed: int = 0) -> nn.Module:
@@ -162,9 +179,10 @@ def random_init_model(config: TrainConfig, seed: int = 0) -> nn.Module:
 
 
 def anil_learner(learner: Learner, name: str | None = None) -> Learner:
-    """Head-only adaptation (ANIL, Raghu et al. 2020) of ``learner``'s network."""
-    return Learner(name or f"ANIL ({learner.name})", learner.model, learner.config, "anil",
-                   head_parameter_names(learner.model), learner.lr)
+    """Head-only adaptation (ANIL, Raghu et al. 2020) of ``learner``'s network, at its inner step size."""
+    anil = ANIL(learner.model, loss_for(learner.config), inner_lr=learner.inner_lr or 0.01,
+                head=head_parameter_names(learner.model), execution=learner.config.execution)
+    return Learner(name or f"ANIL ({learner.name})", anil, learner.config, "anil")
 
 
 # ---------------------------------------------------------------------- estimates
@@ -300,9 +318,9 @@ def adaptation_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
     Step 0 is the un-adapted network θ; step s is θ after s SGD steps on the support set.
     """
     check_positive("steps", steps, integer=True, allow_zero=True)
-    maml = learner.maml()
+    maml = learner.algorithm
     dtype = next(learner.model.parameters()).dtype
-    batch = batch.to(dtype=dtype)
+    batch = batch.to(device=next(learner.model.parameters()).device, dtype=dtype)
     per_task = per_task_loss(loss_for(learner.config))
     classify = is_classification(learner.config)
     q_loss, s_loss, q_acc = [], [], []
@@ -323,8 +341,9 @@ def adaptation_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
 
 def _final_scores(learner: Learner, batch: TaskBatch, steps: int) -> Scores:
     """Scores after exactly ``steps`` steps only (column 0), and the step-0 losses (``initial_*``)."""
-    maml = learner.maml()
-    batch = batch.to(dtype=next(learner.model.parameters()).dtype)
+    maml = learner.algorithm
+    first = next(learner.model.parameters())
+    batch = batch.to(device=first.device, dtype=first.dtype)
     theta = maml.adapt(batch.support_x, batch.support_y, steps=0)
     params = maml.adapt(batch.support_x, batch.support_y, steps=steps, start=theta) if steps else theta
     per_task = per_task_loss(loss_for(learner.config))
@@ -393,10 +412,10 @@ def adaptation_curves(learners: Sequence[Learner], batch: TaskBatch, steps: int,
                 out["paired_query_accuracy"][lr.name] = [
                     paired_estimate(sc.query_accuracy[:, s], ref.query_accuracy[:, s])
                     for s in range(steps + 1)]
-        k = min(int(lr.config.inner_steps), steps)
+        k = min(lr.trained_steps, steps)
         best = _best(entry["query_loss"], entry["query_loss_median"], entry["query_loss_diverged"], 0)
         out["extrapolation"][lr.name] = {
-            "trained_steps": int(lr.config.inner_steps) if lr.kind in ("maml", "fomaml") else None,
+            "trained_steps": lr.trained_steps if lr.kind in ("maml", "fomaml") else None,
             "gain_after_trained": paired_estimate(sc.query_loss[:, k], sc.query_loss[:, steps]),
             "best_step": best,
             "rebound": paired_estimate(sc.query_loss[:, steps], sc.query_loss[:, best]),
@@ -485,13 +504,14 @@ def generalization_gap(learners: Sequence[Learner], heldout: TaskBatch, train: T
     return out
 
 
-def meta_overfitting_curve(snapshots: Sequence[tuple[int, nn.Module]], config: TrainConfig,
+def meta_overfitting_curve(snapshots: Sequence[tuple[int, nn.Module | MetaAlgorithm]], config: TrainConfig,
                            heldout: TaskBatch, train: TaskBatch, steps: int,
                            kind: str = "maml") -> dict[str, Any]:
     """Query loss after ``steps`` inner steps, on held-out and training-distribution tasks, per checkpoint.
 
     Args:
-        snapshots: ``(iteration, network)`` pairs, e.g. from a run's checkpoints, in any order.
+        snapshots: ``(iteration, algorithm or network)`` pairs, e.g. from a run's checkpoints, in any
+            order.
         config: the run's configuration.
         heldout: held-out tasks (the same for every checkpoint).
         train: training-distribution tasks (the same for every checkpoint).
@@ -637,8 +657,9 @@ def representation_change(learners: Sequence[Learner], batch: TaskBatch, steps: 
     out: dict[str, Any] = {"steps": steps, "tasks": batch.num_tasks, "learners": {}}
     for lr in learners:
         model = lr.model
-        maml = lr.maml()
-        b = batch.to(dtype=next(model.parameters()).dtype)
+        maml = lr.algorithm
+        first = next(model.parameters())
+        b = batch.to(device=first.device, dtype=first.dtype)
         adapted = maml.adapt(b.support_x, b.support_y, steps=steps)
         theta = {k: p.detach() for k, p in parameters_of(model).items()}
         layers = list(representation_layers(model))
@@ -697,8 +718,9 @@ def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: i
     for lr in learners:
         model = lr.model
         loss_fn = loss_for(lr.config)
-        maml = lr.maml()
-        b = batch.to(dtype=next(model.parameters()).dtype)
+        maml = lr.algorithm
+        first = next(model.parameters())
+        b = batch.to(device=first.device, dtype=first.dtype)
         adapted = maml.adapt(b.support_x, b.support_y, steps=steps)
         theta = parameters_of(model, list(adapted))
         s_theta, s_adapt, q_adapt, conv = [], [], [], []
