@@ -19,7 +19,8 @@ __all__ = ["Option", "KINDS", "check_options"]
 #: What an option's value can be.
 KINDS = ("int", "float", "bool", "str", "ints", "strs", "range")
 _KIND_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-               "ints": "a list of integers", "strs": "a list of names", "range": "two finite numbers LOW,HIGH with LOW <= HIGH"}
+               "ints": "a list of integers", "strs": "a list of names",
+               "range": "two finite numbers LOW,HIGH with LOW <= HIGH"}
 
 
 @dataclass(frozen=True)

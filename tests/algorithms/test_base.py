@@ -62,11 +62,11 @@ def test_meta_gradient_reaches_the_learned_step_size() -> None:
         for i in range(b.num_tasks):
             ps = theta
             for _ in range(2):
-                loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps)), (b.support_x[i],)),
+                loss = F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (b.support_x[i],)),
                                   b.support_y[i])
                 gs = torch.autograd.grad(loss, ps, create_graph=True)
-                ps = [p - s.exp() * g for p, g in zip(ps, gs)]
-            q = F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps)), (b.query_x[i],)), b.query_y[i])
+                ps = [p - s.exp() * g for p, g in zip(ps, gs, strict=True)]
+            q = F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (b.query_x[i],)), b.query_y[i])
             total = total + q / b.num_tasks
         want = torch.autograd.grad(total, [*theta, s])
         for g, w in zip(got, want, strict=True):
