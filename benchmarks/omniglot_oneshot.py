@@ -24,7 +24,6 @@ iterations, random quarter-turn and per-image affine augmentation. Then it repor
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -89,10 +88,10 @@ def main() -> int:
         run = train(config, args.out, progress=True)
         seconds = time.perf_counter() - t0
     c = run.config
-    print(f"\nrun {args.out}: 20-way 1-shot {'first-order ' if c.first_order else ''}MAML, Conv4 with "
+    print(f"\nrun {args.out}: 20-way 1-shot {'first-order ' if run.algorithm.first_order else ''}MAML, Conv4 with "
           f"{c.filters} filters, {c.inner_steps} steps of {c.inner_lr}, meta-batch {c.meta_batch}, "
           f"{run.iteration} iterations" + (f", trained in {seconds:.0f} s" if seconds else ""))
-    challenge = evaluate_on_oneshot_runs(run.model, c, args.data / "all_runs.zip")
+    challenge = evaluate_on_oneshot_runs(run.algorithm, c, args.data / "all_runs.zip")
     print("\nLake et al. 20-way within-alphabet one-shot challenge, 20 runs (error %):")
     print(challenge["table"])
     if args.curve:
@@ -101,7 +100,7 @@ def main() -> int:
             ckpt = args.out / "checkpoints" / f"iter_{it:06d}"
             if ckpt.is_dir():
                 early = load_run(args.out, checkpoint=ckpt)
-                curve[it] = evaluate_on_oneshot_runs(early.model, c, args.data / "all_runs.zip")["mean"]
+                curve[it] = evaluate_on_oneshot_runs(early.algorithm, c, args.data / "all_runs.zip")["mean"]
         print("challenge error of the checkpoints: " + ", ".join(f"{k}: {v:.2f}%" for k, v in curve.items()))
         challenge["curve"] = curve
     runs = load_runs(args.data / "all_runs.zip")
@@ -116,8 +115,8 @@ def main() -> int:
         print(f"published: {name}: {value}")
     protocols = {}
     for ways in (20, 5):
-        cw = dataclasses.replace(c, ways=ways)
-        protocols[ways] = evaluate_model(run.model, cw, shots=1, queries=1, steps=(0, c.inner_steps, 10),
+        cw = c.with_options(ways=ways)
+        protocols[ways] = evaluate_model(run.algorithm, cw, shots=1, queries=1, steps=(0, c.inner_steps, 10),
                                          num_tasks=600, seed=0)
         print(f"\n600 {ways}-way 1-shot episodes, 1 query per class, classes within one run (eval seed 0)"
               + (" (the 20-way model's head, labels 0-4)" if ways < c.ways else "") + ":")

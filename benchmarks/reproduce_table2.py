@@ -49,7 +49,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run = train(config, run_dir, progress=True)
             times[name] = time.perf_counter() - t0
-        results[name] = evaluate_model(run.model, run.config, shots=5, steps=(0, 1, 5, 10), num_tasks=600,
+        results[name] = evaluate_model(run.algorithm, run.config, shots=5, steps=(0, 1, 5, 10), num_tasks=600,
                                        lr=0.01, seed=args.eval_seed)
     print(f"\nFinn et al. 2017 Table 2, 5-shot sinusoid, {args.iterations} training iterations, "
           f"600 held-out tasks, alpha=0.01 (mean query MSE ± 95% CI; paper in brackets)")

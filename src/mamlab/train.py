@@ -394,8 +394,9 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
     done = config.iterations - start
     if done > 0 and dist.is_main:
         procs = f" on {dist.world_size} processes" if dist.world_size > 1 else ""
-        echo(f"trained {done} iterations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.1f} it/s{procs}, "
-             f"{device}); final meta-loss {last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
+        echo(f"trained {done} iterations in {elapsed:.1f} s ({done / max(elapsed, 1e-9):.2f} it/s, "
+             f"{elapsed / done:.4f} s/it{procs}, {device}); final meta-loss "
+             f"{last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
     return Run(out_dir, config, algorithm, config.iterations)
 
 

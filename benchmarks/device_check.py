@@ -1,0 +1,204 @@
+"""One prepared run of every check that needs a GPU: gradients, devices, resume across devices, speed.
+
+Run on a machine with a CUDA GPU (never in CI); each step is timed, failures are recorded and the
+next step still runs, and everything lands in ``--out`` (``device_check.json`` and the logs):
+
+1. float64 meta-gradients on CUDA against the CPU (MAML, first-order MAML, ANIL; the sinusoid MLP
+   on the batched path and a small conv + BatchNorm net on the vmap and loop paths): max relative
+   difference, the target is 1e-10;
+2. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``);
+3. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated;
+4. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
+   meta-batch 16 (Finn et al.'s setting), first and second order, when Omniglot data is given;
+5. ``mamlab eval --omniglot-runs`` and ``mamlab analyze`` on the GPU.
+
+Usage (``--data``: a folder holding images_background_small1/2.zip and all_runs.zip)::
+
+    python benchmarks/device_check.py --out /tmp/check --data ../shared/data/omniglot
+    python benchmarks/device_check.py --out /tmp/check --device cpu --quick   # a dry run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamlab import TaskBatch, build_algorithm
+from mamlab.models import MLP
+from mamlab.tasks import Sinusoid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConvBN(nn.Module):
+    """A small conv net with batch-statistics BatchNorm (like Conv4, smaller)."""
+
+    def __init__(self, ways: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                                  nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(8 * 7 * 7, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def _images(tasks: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.bernoulli(torch.full((tasks, n, 1, 28, 28), 0.2, dtype=torch.float64), generator=generator)
+
+
+def gradients(device: torch.device) -> dict:
+    """Max relative difference of float64 meta-gradients on ``device`` against the CPU."""
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    sinus = Sinusoid().sample(8, 5, 5, gen).to(dtype=torch.float64)
+    labels = torch.arange(5).repeat(4, 1)
+    conv = TaskBatch(_images(4, 5, gen), labels, _images(4, 5, gen), labels)
+    cases = [("mlp", lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, sinus, ["auto", "vmap", "loop"], 0.01),
+             ("convbn", ConvBN, F.cross_entropy, conv, ["auto", "vmap", "loop"], 0.1)]
+    for name, make, loss, batch, paths, lr in cases:
+        torch.manual_seed(1)
+        base = make().double()
+        for algo in ("maml", "fomaml", "anil"):
+            for path in paths:
+                grads = {}
+                for dev in ("cpu", device):
+                    model = copy.deepcopy(base).to(dev)
+                    a = build_algorithm(algo, model, loss, {"inner_lr": lr, "inner_steps": 3}, execution=path)
+                    a.meta_loss(batch.to(device=dev)).backward()
+                    grads[str(dev)] = torch.cat([p.grad.flatten().cpu() for p in a.parameters()])
+                    used = a.resolved_execution(dev)
+                ref, got = grads["cpu"], grads[str(device)]
+                rel = float((got - ref).norm() / ref.norm())
+                out[f"{name}/{algo}/{path}({used} on {device})"] = rel
+    return out
+
+
+def sh(cmd: list[str], log: Path, timeout: int = 600) -> tuple[int, str, float]:
+    """Run a command, log its output, return (exit status, output, seconds)."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        text, rc = p.stdout + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        text, rc = f"TIMEOUT after {timeout} s\n{e.stdout or ''}{e.stderr or ''}", 124
+    seconds = time.perf_counter() - t0
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{text}\n[exit {rc}, {seconds:.1f} s]\n\n")
+    return rc, text, seconds
+
+
+def rate(text: str) -> float | None:
+    """The seconds per iteration of mamlab train's closing line."""
+    m = re.search(r"it/s, ([\d.]+) s/it", text)
+    return float(m.group(1)) if m else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--data", type=Path, default=None, help="Omniglot folder (zips); steps 4-5 need it")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (a dry run)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "commands.log"
+    device = torch.device(args.device)
+    mam = [sys.executable, "-m", "mamlab"]
+    results: dict = {"torch": torch.__version__, "device": str(device),
+                     "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    n = 40 if args.quick else 200
+
+    def step(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception as e:  # noqa: BLE001 - record and go on: one failure must not hide the rest
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        results.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        print(f"== {name} ({results['seconds'][name]} s): {json.dumps(results[name], default=str)[:2000]}",
+              flush=True)
+        (args.out / "device_check.json").write_text(json.dumps(results, indent=2, default=str))
+
+    step("gradients_float64", lambda: gradients(device))
+
+    def precision() -> dict:
+        rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
+                          "--seeds", "1" if args.quick else "3"], log)
+        return {"exit": rc, "table": text.strip().splitlines()[-8:]}
+
+    step("precision", precision)
+
+    def across_devices() -> dict:
+        small = ["--iterations", str(n), "--checkpoint-every", str(n // 2), "--val-every", str(n // 2),
+                 "--no-progress", "--meta-batch", "10"]
+        gpu, cpu = args.out / "sin-gpu", args.out / "sin-cpu"
+        r = {}
+        rc, text, _ = sh([*mam, "train", "sinusoid", "--out", str(gpu), "--device", str(device), *small], log)
+        r["train_gpu"], r["sinusoid_s_per_it_gpu"] = rc, rate(text)
+        r["resume_on_cpu"] = sh([*mam, "train", "--resume", str(gpu), "--iterations", str(2 * n),
+                                 "--device", "cpu", "--no-progress"], log)[0]
+        rc, text, _ = sh([*mam, "train", "sinusoid", "--out", str(cpu), "--device", "cpu", *small], log)
+        r["train_cpu"], r["sinusoid_s_per_it_cpu"] = rc, rate(text)
+        r["resume_on_gpu"] = sh([*mam, "train", "--resume", str(cpu), "--iterations", str(2 * n),
+                                 "--device", str(device), "--no-progress"], log)[0]
+        from mamlab.checkpoint import load_model
+
+        a, b = load_model(gpu / "model.safetensors"), load_model(cpu / "model.safetensors")
+        num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+        den = sum(float(b[k].norm() ** 2) for k in b) ** 0.5
+        r["gpu_then_cpu_vs_cpu_then_gpu_relative"] = num / den
+        for d in (gpu, cpu):
+            rc, text, _ = sh([*mam, "eval", str(d), "--tasks", "100", "--device", str(device), "--json"], log)
+            r[f"eval_{d.name}"] = json.loads(text[text.index("{"):])["results"] if rc == 0 else f"exit {rc}"
+        return r
+
+    step("resume_across_devices", across_devices)
+
+    if args.data is not None and (args.data / "all_runs.zip").exists():
+        def omniglot() -> dict:
+            r = {}
+            iters = 20 if args.quick else 150
+            for order, flags in (("first", ["--first-order"]), ("second", ["--no-first-order"])):
+                d = args.out / f"omni-{order}"
+                rc, text, secs = sh([*mam, "train", "omniglot", "--data", str(args.data), "--ways", "20",
+                                     "--device", str(device), "--iterations", str(iters), "--no-progress",
+                                     "--val-every", str(iters), "--checkpoint-every", str(iters),
+                                     "--out", str(d), *flags], log)
+                spi = rate(text)
+                r[order] = {"exit": rc, "s_per_iteration": spi,
+                            "hours_for_60000": None if not spi else 60000 * spi / 3600, "wall_s": secs}
+            rc, text, _ = sh([*mam, "eval", str(args.out / "omni-first"), "--device", str(device),
+                              "--omniglot-runs", str(args.data / "all_runs.zip")], log)
+            r["oneshot_eval"] = {"exit": rc, "last": text.strip().splitlines()[-1:]}
+            return r
+
+        step("omniglot_speed", omniglot)
+
+    def analyze() -> dict:
+        rc, text, secs = sh([*mam, "analyze", str(args.out / "sin-gpu"), "--out", str(args.out / "report"),
+                             "--device", str(device), "--tasks", "40", "--steps", "5", "--no-progress"], log)
+        return {"exit": rc, "seconds": secs, "last": text.strip().splitlines()[-2:]}
+
+    step("analyze_on_device", analyze)
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    print(f"done; failed steps: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
