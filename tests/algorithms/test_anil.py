@@ -9,13 +9,7 @@ from mamlab.algorithms import head_parameters
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def test_the_head_is_the_last_layer() -> None:

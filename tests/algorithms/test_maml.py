@@ -12,14 +12,7 @@ from mamlab.algorithms.maml import default_execution
 from mamlab.models import MLP
 from mamlab.tasks import LinearClassification, LinearRegression, Sinusoid
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Gradients are compared in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ---------------------------------------------------------------- independent references

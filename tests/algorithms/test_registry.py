@@ -9,13 +9,7 @@ from mamlab.algorithms import ALGORITHMS, algorithm_spec
 from mamlab.models import MLP
 from mamlab.tasks import Sinusoid
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def batch(n: int = 4):
