@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    from mamlab.runtime import DistributedError
     from mamlab.train import TrainingDiverged, TrainingInterrupted
 
     try:
@@ -326,8 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"mamlab: error: {e}", file=sys.stderr)
         return 1
-    except MamlabError as e:
+    except DistributedError as e:  # a process of a torchrun job failed: every rank says so
         print(f"mamlab: error: {e}", file=sys.stderr)
+        return 1
+    except MamlabError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank hits the same check: say it once
+            print(f"mamlab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mamlab: interrupted", file=sys.stderr)

@@ -49,7 +49,8 @@ import torch.distributed as tdist
 from mamlab.config import PRECISIONS
 from mamlab.errors import MamlabError, check_choice, check_positive
 
-__all__ = ["DEVICES_HELP", "PRECISIONS", "Distributed", "precision_context", "resolve_device"]
+__all__ = ["DEVICES_HELP", "PRECISIONS", "Distributed", "DistributedError", "precision_context",
+           "resolve_device"]
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -160,6 +161,20 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise MamlabError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+class DistributedError(MamlabError):
+    """A process of a multi-process run failed or cannot take part; the message names the rank."""
+
+
+def _collective(rank: int, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one collective; another process dying turns gloo's or NCCL's error into one line."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, ValueError) as e:  # DistBackendError is a RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"rank {rank}: the {what} failed: another process of the run stopped or "
+                               f"cannot be reached ({first[:200]}); the last checkpoint is intact") from None
 
 
 class Distributed:
@@ -321,7 +336,7 @@ class Distributed:
         n_grad = buffer.numel() - len(extras)
         if weight != 1.0:
             buffer[:n_grad].mul_(weight)
-        tdist.all_reduce(buffer, op=tdist.ReduceOp.SUM)
+        _collective(self.rank, "meta-gradient all-reduce", tdist.all_reduce, buffer, op=tdist.ReduceOp.SUM)
         offset = 0
         for p in params:
             summed = buffer[offset:offset + p.numel()].view_as(p)
@@ -337,7 +352,7 @@ class Distributed:
         if not self.enabled:
             return obj
         box = [obj if self.is_main else None]
-        tdist.broadcast_object_list(box, src=0)
+        _collective(self.rank, "broadcast", tdist.broadcast_object_list, box, src=0)
         return box[0]
 
     def barrier(self) -> None:
@@ -345,9 +360,9 @@ class Distributed:
         if not self.enabled:
             return
         if self.device.type == "cuda" and tdist.get_backend() == "nccl":
-            tdist.barrier(device_ids=[self.device.index])
+            _collective(self.rank, "barrier", tdist.barrier, device_ids=[self.device.index])
         else:
-            tdist.barrier()
+            _collective(self.rank, "barrier", tdist.barrier)
 
     def close(self) -> None:
         """Leave the process group if ``from_env`` created it; a group found already open stays open."""
@@ -373,6 +388,6 @@ def _process_device(device: torch.device, local_rank: int, world_size: int) -> t
         return device
     count, inventory = _cuda_inventory()
     if local_rank >= count:
-        raise MamlabError(f"process with LOCAL_RANK {local_rank} needs cuda:{local_rank}, which is not "
+        raise DistributedError(f"process with LOCAL_RANK {local_rank} needs cuda:{local_rank}, which is not "
                           f"available here ({inventory}); run at most {count} processes per machine")
     return torch.device("cuda", local_rank)
