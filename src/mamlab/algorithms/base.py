@@ -169,10 +169,14 @@ class InnerLoopAlgorithm(MetaAlgorithm):
             params = self.inner_update(params, grads, first_step + k, lr)
         return params
 
-    def task_losses(self, batch: TaskBatch, path: str, steps: int | None = None) -> torch.Tensor:
-        """L_query(θ'_i) of every task of ``batch`` ``[T]``, differentiable w.r.t. the meta-parameters."""
-        adapted, shared = self.split_parameters()
-        params = expand_to_tasks(adapted, batch.num_tasks)
+    def task_losses(self, batch: TaskBatch, path: str, steps: int | None = None,
+                    theta: tuple[Params, Params] | None = None) -> torch.Tensor:
+        """L_query(θ'_i) of every task of ``batch`` ``[T]``, differentiable w.r.t. the meta-parameters.
+
+        ``theta``: ``split_parameters()``, when the caller already has it.
+        """
+        adapted, shared = self.split_parameters() if theta is None else theta
+        params = self.engine.per_task(adapted, batch.num_tasks)
         params = self.inner_loop(params, shared, batch.support_x, batch.support_y,
                                  self.inner_steps if steps is None else steps, path,
                                  create_graph=not self.first_order)
@@ -190,7 +194,9 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         if not torch.is_grad_enabled():
             with torch.enable_grad():
                 return self.query_losses(batch).mean().detach()
-        return self.engine.meta_gradient(self.task_losses, batch, self.meta_parameters())
+        theta = self.split_parameters()
+        return self.engine.meta_gradient(lambda chunk, path: self.task_losses(chunk, path, theta=theta),
+                                         batch, self.meta_parameters())
 
     def query_losses(self, batch: TaskBatch, steps: int | None = None) -> torch.Tensor:
         """Each task's query loss after adaptation, ``[T]``, differentiable w.r.t. θ.
@@ -199,7 +205,8 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         """
         check_batch(batch, self.model)
         path = self.engine.path(batch.support_x.device)
-        return torch.cat([self.task_losses(batch.slice(s), path, steps)
+        theta = self.split_parameters()
+        return torch.cat([self.task_losses(batch.slice(s), path, steps, theta)
                           for s in self.engine.chunks(batch.num_tasks, path)])
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
@@ -237,10 +244,11 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         path = self.engine.path(support_x.device)
         parts = []
         for s in self.engine.chunks(num_tasks, path):
-            params = {k: p[s].clone().requires_grad_(True) for k, p in begin.items()}
+            one = s.stop - s.start == 1  # a chunk of one task runs without a task dimension
+            params = {k: (p[s.start] if one else p[s]).clone().requires_grad_(True) for k, p in begin.items()}
             params = self.inner_loop(params, shared, support_x[s], support_y[s], steps, path,
                                      create_graph=False, lr=lr)
-            parts.append({k: p.detach() for k, p in params.items()})
+            parts.append(self.engine.with_task_dim({k: p.detach() for k, p in params.items()}))
         return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
 
     def predict(self, adapted: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

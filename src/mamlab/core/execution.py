@@ -13,8 +13,10 @@ dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` 
 
 On every path the inner gradient of all tasks of a chunk is one autograd call: each task's loss
 depends only on its own slice of the task-batched parameters, so ∇ of the summed losses is the
-per-task ∇. ``meta_gradient`` takes the meta-gradient chunk by chunk while the loss is computed, so
-peak memory is one chunk's graph.
+per-task ∇. A chunk of one task (the loop path) needs no task dimension at all: ``per_task``
+then hands out θ itself, which keeps the autograd graph as small as a hand-written loop's.
+``meta_gradient`` takes the meta-gradient chunk by chunk while the loss is computed, so peak
+memory is one chunk's graph.
 
 ``execution="auto"`` picks by the rule that ``benchmarks/speed.py`` measured (``default_execution``);
 ``TaskEngine.tune`` times the paths on a given model and batch.
@@ -115,6 +117,22 @@ class TaskEngine:
         self.per_task_loss = per_task_loss(loss_fn)
         self.execution = execution
         self.task_chunk = task_chunk
+        self.param_dims = {k: p.dim() for k, p in model.named_parameters()}
+        self.has_buffers = any(True for _ in model.buffers())
+
+    def batched(self, name: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` (for parameter ``name``) carries a leading task dimension."""
+        return tensor.dim() > self.param_dims[name]
+
+    def per_task(self, params: Mapping[str, torch.Tensor], num_tasks: int) -> Params:
+        """θ for each of ``num_tasks`` tasks: a view with a task dimension, or θ itself for one task."""
+        if num_tasks == 1:
+            return dict(params)
+        return {k: p.unsqueeze(0).expand(num_tasks, *p.shape) for k, p in params.items()}
+
+    def with_task_dim(self, params: Mapping[str, torch.Tensor]) -> Params:
+        """``params`` with a leading task dimension (a chunk of one task's θ gets one of size 1)."""
+        return {k: p if self.batched(k, p) else p.unsqueeze(0) for k, p in params.items()}
 
     def path(self, device: torch.device | str | None = None) -> str:
         """The execution path used on ``device``: ``self.execution`` unless it is ``"auto"``."""
@@ -133,20 +151,26 @@ class TaskEngine:
                 x: torch.Tensor, path: str) -> torch.Tensor:
         """f_{θ_i}(x_i) for every task i of ``x`` ``[T, N, ...]``.
 
-        ``params`` carry a leading task dimension; ``shared`` parameters (no task dimension) are
-        the same for every task. Parameters in neither are the model's own.
+        ``params`` carry a leading task dimension (or none, for one task); ``shared`` parameters
+        (no task dimension) are the same for every task. Parameters in neither are the model's own.
         """
-        buffers = buffers_of(self.model)
+        buffers = buffers_of(self.model) if self.has_buffers else {}
         if path == "batched":
             return batched_forward(self.plan, {**shared, **params}, x)  # type: ignore[arg-type]
+        per = {k: p for k, p in params.items() if self.batched(k, p)}
+        common = {**shared, **{k: p for k, p in params.items() if k not in per}}
         if path == "vmap":
-            return vmap(lambda p, xi: forward(self.model, {**shared, **p}, xi, buffers))(dict(params), x)
-        return torch.stack([forward(self.model, {**shared, **{k: p[i] for k, p in params.items()}}, x[i],
+            return vmap(lambda p, xi: forward(self.model, {**common, **p}, xi, buffers))(per, x)
+        if x.shape[0] == 1:
+            return forward(self.model, {**common, **{k: p[0] for k, p in per.items()}}, x[0], buffers)[None]
+        return torch.stack([forward(self.model, {**common, **{k: p[i] for k, p in per.items()}}, x[i],
                                     buffers) for i in range(x.shape[0])])
 
     def losses(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
         """Each task's loss ``[T]`` of ``f_{θ_i}(x_i)`` against ``y_i``."""
+        if path == "loop" and x.shape[0] == 1:  # one task: the user's loss function itself
+            return self.loss_fn(self.forward(params, shared, x, path)[0], y[0]).unsqueeze(0)
         return self.per_task_loss(self.forward(params, shared, x, path), y)
 
     def meta_gradient(self, task_losses: Callable[[TaskBatch, str], torch.Tensor], batch: TaskBatch,
