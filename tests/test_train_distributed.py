@@ -198,3 +198,28 @@ def test_a_meta_batch_too_small_for_the_processes_is_a_one_line_error(tmp_path: 
     # torchrun adds its own summary (with its own traceback); none comes from mamlab's code
     assert not re.search(r'File "[^"]*[/\\]src[/\\]mamlab[/\\][^"]*\.py"', proc.stderr), proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_checkpointed_iteration(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = _torchrun("train", "sinusoid", "--out", "run", "--iterations", "100000", "--val-every", "1000",
+                    "--checkpoint-every", "50000", *RUN)
+    launcher = _launch(cmd, tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 20:
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        ranks = {_local_rank(pid): pid for pid in _children(launcher.pid)}
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone is told to stop
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            _kill(launcher)
+    ckpt = load_checkpoint(run)
+    assert ckpt.iteration > 0 and ckpt.iteration % 50000 != 0  # written because of the signal
+    assert [m["iteration"] for m in read_metrics(run)] == list(range(1, ckpt.iteration + 1))
+    assert f"continue with: mamlab train --resume {run.name}" in err, err[-3000:]
+    assert not re.search(r'File "[^"]*[/\\]src[/\\]mamlab[/\\][^"]*\.py"', err), err[-3000:]

@@ -344,10 +344,11 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             with precision_context(config.precision, device):
                 loss = algorithm.meta_loss(batch.slice(share).to(device))
                 loss.backward()
+            # the stop flag travels with the gradient: every rank decides on the same, summed flag, so
+            # all of them stop after the same iteration (a signal arriving later counts next iteration)
             value, stopping = dist.all_reduce_gradients(
                 algorithm.parameters(), weight, [weight * float(loss.detach()), float(bool(stop.received))])
-            if stopping and stop.received is None:
-                stop.received = "a stop signal on another process"
+            stop_now = stopping > 0
             if not math.isfinite(value) or not _finite_grads(algorithm):
                 if not config.skip_nonfinite:
                     bar.close()
@@ -375,12 +376,14 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             bar.update(1)
             if it % 50 == 0 or it == config.iterations:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            if it % config.checkpoint_every == 0 or it == config.iterations or stop.received:
+            if it % config.checkpoint_every == 0 or it == config.iterations or stop_now:
                 checkpoint(it, last)
-            if stop.received:
+            if stop_now:
                 bar.close()
+                dist.barrier()  # every rank waits for rank 0's checkpoint before any of them exits
+                reason = stop.received or "a stop signal to another process of the run"
                 raise TrainingInterrupted(
-                    f"{stop.received} received: stopped after iteration {it} with a checkpoint; "
+                    f"{reason} received: stopped after iteration {it} with a checkpoint; "
                     f"continue with: mamlab train --resume {out_dir}"
                 )
         elapsed = time.perf_counter() - t0
