@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -181,3 +182,25 @@ def test_linear_tasks_train_and_baseline(tmp_path: Path, task: str) -> None:
         config = resolve_config(task, None, {**SMALL, "hidden": [], "method": method})
         run = train(config, tmp_path / method, progress=False, echo=lambda s: None)
         assert run.config.method == method
+
+
+def test_resume_may_change_the_device_and_precision_but_not_the_run(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 10})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    run = train(None, tmp_path / "run", resume=True, iterations=20, changes={"device": "cpu", "precision": "bf16"},
+                progress=False, echo=lambda s: None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert (saved["iterations"], saved["device"], saved["precision"]) == (20, "cpu", "bf16")
+    assert run.iteration == 20 and all(torch.isfinite(p).all() for p in run.algorithm.parameters())
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(MamlabError, match="meta_lr cannot change when resuming; options that can: iterations"):
+        train(None, tmp_path / "run", resume=True, changes={"meta_lr": 0.1}, progress=False, echo=lambda s: None)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_run_under_bf16_autocast_trains_with_float32_parameters(tmp_path: Path) -> None:
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 10, "precision": "bf16"})
+    run = train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in run.algorithm.parameters())
+    losses = [m["meta_loss"] for m in read_metrics(tmp_path / "run")]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
