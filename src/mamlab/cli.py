@@ -103,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                 g.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
                                help=o.help)
             else:
-                g.add_argument(o.flag, dest=o.name, metavar=o.kind.upper(), default=None, help=o.help)
+                metavar = {"int": "N", "float": "X", "str": "NAME", "ints": "N,N,...", "strs": "NAME,...",
+                           "range": "LOW,HIGH"}[o.kind]
+                if o.choices:
+                    metavar = "{" + ",".join(o.choices) + "}"
+                g.add_argument(o.flag, dest=o.name, metavar=metavar, default=None, help=o.help)
 
     e = sub.add_parser("eval", help="meta-test a trained run on held-out tasks",
                        description="Adapt the run's model to held-out tasks from a seeded evaluation "
