@@ -340,6 +340,7 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
         t0 = time.perf_counter()
         for it in range(start + 1, config.iterations + 1):
             batch = family.sample(config.meta_batch, config.shots, config.queries, tasks)
+            algorithm.start_iteration(it, config.iterations)
             optimizer.zero_grad(set_to_none=True)
             with precision_context(config.precision, device):
                 loss = algorithm.meta_loss(batch.slice(share).to(device))

@@ -77,6 +77,15 @@ class MetaAlgorithm(nn.Module):
         """f_{θ'_i}(x_i) for every task i: ``adapted`` from ``adapt``, ``x`` shaped ``[T, M, ...]``."""
         raise NotImplementedError
 
+    def start_iteration(self, iteration: int, iterations: int) -> None:
+        """Called by the training loop before meta-iteration ``iteration`` (1-based) of ``iterations``.
+
+        For algorithms whose rule changes over training (MAML++'s multi-step loss weights and
+        derivative-order annealing); the default does nothing. It must depend only on its
+        arguments, so that a resumed run is the same as an uninterrupted one.
+        """
+        return None
+
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """``meta_loss(batch)``, so the algorithm can be called like any module."""
         return self.meta_loss(batch)
