@@ -16,6 +16,7 @@ from torch import nn
 
 from mamlab.algorithms.anil import ANIL
 from mamlab.algorithms.base import MetaAlgorithm
+from mamlab.algorithms.imaml import iMAML
 from mamlab.algorithms.maml import MAML
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.core.losses import LossFn
@@ -30,6 +31,9 @@ INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", p
 FIRST_ORDER = Option("first_order", "bool", False, "drop second-order terms of the meta-gradient")
 HEAD = Option("head", "strs", None, "parameter names adapted per task (default: the last layer's)",
               nullable=True)
+LAM = Option("lam", "float", 2.0, "λ, iMAML's proximal regularisation strength", positive=True)
+CG_STEPS = Option("cg_steps", "int", 5, "conjugate-gradient iterations per implicit meta-gradient",
+                  positive=True)
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,5 @@ register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
+register(AlgorithmSpec("imaml", iMAML, (INNER_LR, INNER_STEPS, LAM, CG_STEPS),
+                       "iMAML (Rajeswaran et al. 2019): proximal inner loop, implicit meta-gradient by CG"))
