@@ -17,6 +17,7 @@ from torch import nn
 from mamlab.algorithms.anil import ANIL
 from mamlab.algorithms.base import MetaAlgorithm
 from mamlab.algorithms.maml import MAML
+from mamlab.algorithms.mamlpp import MAMLPlusPlus
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.core.losses import LossFn
 from mamlab.errors import MamlabError
@@ -30,6 +31,16 @@ INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", p
 FIRST_ORDER = Option("first_order", "bool", False, "drop second-order terms of the meta-gradient")
 HEAD = Option("head", "strs", None, "parameter names adapted per task (default: the last layer's)",
               nullable=True)
+LSLR = Option("lslr", "bool", True, "MAML++: learn an inner step size per layer and step")
+MSL = Option("msl", "bool", True, "MAML++: multi-step loss (every step's query loss) for msl_epochs epochs")
+MSL_EPOCHS = Option("msl_epochs", "int", 10, "MAML++: epochs the multi-step loss lasts", positive=True)
+ITERATIONS_PER_EPOCH = Option("iterations_per_epoch", "int", 500,
+                              "MAML++: training iterations per epoch of its schedules", positive=True)
+PER_STEP_BN = Option("per_step_bn", "bool", True,
+                     "MAML++: BatchNorm weights, biases (and statistics) per step")
+FIRST_ORDER_EPOCHS = Option("first_order_epochs", "int", 50,
+                            "MAML++: first-order meta-gradients for this many epochs, then second order",
+                            positive="nonnegative")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,10 @@ register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
                        "first-order MAML: the inner gradients are constants in the meta-gradient"))
 register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
                        "ANIL (Raghu et al. 2020): only the head adapts in the inner loop"))
+register(AlgorithmSpec("mamlpp", MAMLPlusPlus, (INNER_LR, INNER_STEPS, LSLR, MSL, MSL_EPOCHS,
+                                                ITERATIONS_PER_EPOCH, PER_STEP_BN, FIRST_ORDER_EPOCHS),
+                       "MAML++ (Antoniou et al. 2019): per-layer per-step learned step sizes, multi-step "
+                       "loss, per-step BatchNorm, derivative-order annealing"))
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
