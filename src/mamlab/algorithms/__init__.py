@@ -4,9 +4,10 @@ from mamlab.algorithms.anil import ANIL, head_parameters
 from mamlab.algorithms.base import InnerLoopAlgorithm, MetaAlgorithm
 from mamlab.algorithms.imaml import iMAML
 from mamlab.algorithms.maml import EXECUTIONS, MAML, default_execution
+from mamlab.algorithms.mamlpp import MAMLPlusPlus
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.algorithms.registry import ALGORITHMS, AlgorithmSpec, algorithm_spec, build_algorithm
 
-__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "Pretrain", "iMAML", "head_parameters",
-           "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm", "EXECUTIONS",
-           "default_execution"]
+__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "MAMLPlusPlus", "iMAML", "Pretrain",
+           "head_parameters", "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm",
+           "EXECUTIONS", "default_execution"]

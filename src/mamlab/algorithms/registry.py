@@ -18,6 +18,7 @@ from mamlab.algorithms.anil import ANIL
 from mamlab.algorithms.base import MetaAlgorithm
 from mamlab.algorithms.imaml import iMAML
 from mamlab.algorithms.maml import MAML
+from mamlab.algorithms.mamlpp import MAMLPlusPlus
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.core.losses import LossFn
 from mamlab.errors import MamlabError
@@ -34,6 +35,16 @@ HEAD = Option("head", "strs", None, "parameter names adapted per task (default: 
 LAM = Option("lam", "float", 2.0, "λ, iMAML's proximal regularisation strength", positive=True)
 CG_STEPS = Option("cg_steps", "int", 5, "conjugate-gradient iterations per implicit meta-gradient",
                   positive=True)
+LSLR = Option("lslr", "bool", True, "MAML++: learn an inner step size per layer and step")
+MSL = Option("msl", "bool", True, "MAML++: multi-step loss (every step's query loss) for msl_epochs epochs")
+MSL_EPOCHS = Option("msl_epochs", "int", 10, "MAML++: epochs the multi-step loss lasts", positive=True)
+ITERATIONS_PER_EPOCH = Option("iterations_per_epoch", "int", 500,
+                              "MAML++: training iterations per epoch of its schedules", positive=True)
+PER_STEP_BN = Option("per_step_bn", "bool", True,
+                     "MAML++: BatchNorm weights, biases (and statistics) per step")
+FIRST_ORDER_EPOCHS = Option("first_order_epochs", "int", 50,
+                            "MAML++: first-order meta-gradients for this many epochs, then second order",
+                            positive="nonnegative")
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,10 @@ register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
                        "first-order MAML: the inner gradients are constants in the meta-gradient"))
 register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
                        "ANIL (Raghu et al. 2020): only the head adapts in the inner loop"))
+register(AlgorithmSpec("mamlpp", MAMLPlusPlus, (INNER_LR, INNER_STEPS, LSLR, MSL, MSL_EPOCHS,
+                                                ITERATIONS_PER_EPOCH, PER_STEP_BN, FIRST_ORDER_EPOCHS),
+                       "MAML++ (Antoniou et al. 2019): per-layer per-step learned step sizes, multi-step "
+                       "loss, per-step BatchNorm, derivative-order annealing"))
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
