@@ -56,12 +56,19 @@ class AlgorithmSpec:
         build: ``build(model, loss_fn, execution=..., task_chunk=..., **options)`` → the algorithm.
         options: the keys it takes (checked strictly; anything else is an error).
         summary: one line for ``--help`` and the README.
+        label: how reports and tables name it (default: ``name``).
     """
 
     name: str
     build: Callable[..., MetaAlgorithm]
     options: tuple[Option, ...]
     summary: str
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        """The label, or the name."""
+        return self.label or self.name
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
@@ -95,17 +102,18 @@ def _fomaml(model: nn.Module, loss_fn: LossFn, **kw: Any) -> MAML:
 
 
 register(AlgorithmSpec("maml", MAML, (INNER_LR, INNER_STEPS, FIRST_ORDER),
-                       "MAML (Finn et al. 2017), second order unless first_order"))
+                       "MAML (Finn et al. 2017), second order unless first_order", "MAML"))
 register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
-                       "first-order MAML: the inner gradients are constants in the meta-gradient"))
+                       "first-order MAML: the inner gradients are constants in the meta-gradient", "FOMAML"))
 register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
-                       "ANIL (Raghu et al. 2020): only the head adapts in the inner loop"))
+                       "ANIL (Raghu et al. 2020): only the head adapts in the inner loop", "ANIL"))
 register(AlgorithmSpec("mamlpp", MAMLPlusPlus, (INNER_LR, INNER_STEPS, LSLR, MSL, MSL_EPOCHS,
                                                 ITERATIONS_PER_EPOCH, PER_STEP_BN, FIRST_ORDER_EPOCHS),
                        "MAML++ (Antoniou et al. 2019): per-layer per-step learned step sizes, multi-step "
-                       "loss, per-step BatchNorm, derivative-order annealing"))
+                       "loss, per-step BatchNorm, derivative-order annealing", "MAML++"))
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
 register(AlgorithmSpec("imaml", iMAML, (INNER_LR, INNER_STEPS, LAM, CG_STEPS),
-                       "iMAML (Rajeswaran et al. 2019): proximal inner loop, implicit meta-gradient by CG"))
+                       "iMAML (Rajeswaran et al. 2019): proximal inner loop, implicit meta-gradient by CG",
+                       "iMAML"))

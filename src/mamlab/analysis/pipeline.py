@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from mamlab.algorithms import MetaAlgorithm
+from mamlab.algorithms import ALGORITHMS, MetaAlgorithm
 from mamlab.analysis import studies as st
 from mamlab.analysis.sections import (
     SectionContext,
@@ -82,7 +82,11 @@ _FAMILY_KEYS = {
     "linear-classification": ("dim", "weight_mean", "weight_std"),
     "omniglot": ("data", "split", "ways"),
 }
-_KIND_NAMES = {"maml": "MAML", "fomaml": "FOMAML", "pretrain": "pretrain", "anil": "ANIL"}
+
+
+def _label(kind: str) -> str:
+    """How the report names a run's kind: the registered algorithm's label (``"MAML++"``)."""
+    return ALGORITHMS[kind].title if kind in ALGORITHMS else kind
 
 
 # ---------------------------------------------------------------------- inputs
@@ -142,7 +146,7 @@ def _load_runs(paths: Sequence[str | Path], device: torch.device) -> list[Run]:
 
 
 def _learners(runs: Sequence[Run], seed: int) -> list[st.Learner]:
-    base = [_KIND_NAMES.get(st.run_kind(r.config), st.run_kind(r.config)) for r in runs]
+    base = [_label(st.run_kind(r.config)) for r in runs]
     names = [b if base.count(b) == 1 else f"{b} ({r.path.name})" for b, r in zip(base, runs, strict=True)]
     if len(set(names)) != len(names):
         names = [f"{n} #{i + 1}" for i, n in enumerate(names)]
