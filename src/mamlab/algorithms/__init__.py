@@ -5,7 +5,8 @@ from mamlab.algorithms.base import InnerLoopAlgorithm, MetaAlgorithm
 from mamlab.algorithms.maml import EXECUTIONS, MAML, default_execution
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.algorithms.registry import ALGORITHMS, AlgorithmSpec, algorithm_spec, build_algorithm
+from mamlab.algorithms.reptile import Reptile
 
-__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "Pretrain", "head_parameters",
+__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "Pretrain", "Reptile", "head_parameters",
            "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm", "EXECUTIONS",
            "default_execution"]

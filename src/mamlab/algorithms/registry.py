@@ -18,18 +18,26 @@ from mamlab.algorithms.anil import ANIL
 from mamlab.algorithms.base import MetaAlgorithm
 from mamlab.algorithms.maml import MAML
 from mamlab.algorithms.pretrain import Pretrain
+from mamlab.algorithms.reptile import INNER_OPTIMIZERS, TRAIN_ON, Reptile
 from mamlab.core.losses import LossFn
 from mamlab.errors import MamlabError
 from mamlab.options import Option, check_options
 
 __all__ = ["AlgorithmSpec", "ALGORITHMS", "register", "algorithm_spec", "build_algorithm",
-           "INNER_LR", "INNER_STEPS", "FIRST_ORDER", "HEAD"]
+           "INNER_LR", "INNER_STEPS", "FIRST_ORDER", "HEAD", "INNER_OPTIMIZER", "TRAIN_ON_OPTION",
+           "INNER_BATCH"]
 
 INNER_LR = Option("inner_lr", "float", 0.01, "α, the inner SGD step size", positive=True)
 INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", positive=True)
 FIRST_ORDER = Option("first_order", "bool", False, "drop second-order terms of the meta-gradient")
 HEAD = Option("head", "strs", None, "parameter names adapted per task (default: the last layer's)",
               nullable=True)
+INNER_OPTIMIZER = Option("inner_optimizer", "str", "sgd", "optimizer of each task's inner loop: sgd, or adam "
+                         "(betas 0, 0.999, as in Nichol et al.'s code)", choices=INNER_OPTIMIZERS)
+TRAIN_ON_OPTION = Option("train_on", "str", "support+query", "examples each task trains on in meta-training",
+                         choices=TRAIN_ON)
+INNER_BATCH = Option("inner_batch", "int", None, "examples per inner step (default: all)", positive=True,
+                     nullable=True)
 
 
 @dataclass(frozen=True)
@@ -88,3 +96,6 @@ register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
+register(AlgorithmSpec("reptile", Reptile,
+                       (INNER_LR, INNER_STEPS, INNER_OPTIMIZER, TRAIN_ON_OPTION, INNER_BATCH),
+                       "Reptile (Nichol et al. 2018): .grad = θ − mean of the task-trained weights"))
