@@ -7,7 +7,8 @@ from mamlab.algorithms.maml import EXECUTIONS, MAML, default_execution
 from mamlab.algorithms.mamlpp import MAMLPlusPlus
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.algorithms.registry import ALGORITHMS, AlgorithmSpec, algorithm_spec, build_algorithm
+from mamlab.algorithms.reptile import Reptile
 
-__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "MAMLPlusPlus", "iMAML", "Pretrain",
-           "head_parameters", "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm",
+__all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "MAMLPlusPlus", "iMAML", "Reptile",
+           "Pretrain", "head_parameters", "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm",
            "EXECUTIONS", "default_execution"]

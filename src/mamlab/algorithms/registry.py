@@ -20,12 +20,14 @@ from mamlab.algorithms.imaml import iMAML
 from mamlab.algorithms.maml import MAML
 from mamlab.algorithms.mamlpp import MAMLPlusPlus
 from mamlab.algorithms.pretrain import Pretrain
+from mamlab.algorithms.reptile import INNER_OPTIMIZERS, TRAIN_ON, Reptile
 from mamlab.core.losses import LossFn
 from mamlab.errors import MamlabError
 from mamlab.options import Option, check_options
 
 __all__ = ["AlgorithmSpec", "ALGORITHMS", "register", "algorithm_spec", "build_algorithm",
-           "INNER_LR", "INNER_STEPS", "FIRST_ORDER", "HEAD"]
+           "INNER_LR", "INNER_STEPS", "FIRST_ORDER", "HEAD", "INNER_OPTIMIZER", "TRAIN_ON_OPTION",
+           "INNER_BATCH"]
 
 INNER_LR = Option("inner_lr", "float", 0.01, "α, the inner SGD step size", positive=True)
 INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", positive=True)
@@ -45,6 +47,12 @@ PER_STEP_BN = Option("per_step_bn", "bool", True,
 FIRST_ORDER_EPOCHS = Option("first_order_epochs", "int", 50,
                             "MAML++: first-order meta-gradients for this many epochs, then second order",
                             positive="nonnegative")
+INNER_OPTIMIZER = Option("inner_optimizer", "str", "sgd", "optimizer of each task's inner loop: sgd, or adam "
+                         "(betas 0, 0.999, as in Nichol et al.'s code)", choices=INNER_OPTIMIZERS)
+TRAIN_ON_OPTION = Option("train_on", "str", "support+query", "examples each task trains on in meta-training",
+                         choices=TRAIN_ON)
+INNER_BATCH = Option("inner_batch", "int", None, "examples per inner step (default: all)", positive=True,
+                     nullable=True)
 
 
 @dataclass(frozen=True)
@@ -117,3 +125,7 @@ register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
 register(AlgorithmSpec("imaml", iMAML, (INNER_LR, INNER_STEPS, LAM, CG_STEPS),
                        "iMAML (Rajeswaran et al. 2019): proximal inner loop, implicit meta-gradient by CG",
                        "iMAML"))
+register(AlgorithmSpec("reptile", Reptile,
+                       (INNER_LR, INNER_STEPS, INNER_OPTIMIZER, TRAIN_ON_OPTION, INNER_BATCH),
+                       "Reptile (Nichol et al. 2018): .grad = θ − mean of the task-trained weights",
+                       "Reptile"))
