@@ -2,14 +2,14 @@
 
 from mamlab import models, tasks
 from mamlab.algorithms import (
-           ANIL,
-           MAML,
-           MAMLPlusPlus,
-           MetaAlgorithm,
-           Pretrain,
-           Reptile,
-           build_algorithm,
-           iMAML,
+    ANIL,
+    MAML,
+    MAMLPlusPlus,
+    MetaAlgorithm,
+    Pretrain,
+    Reptile,
+    build_algorithm,
+    iMAML,
 )
 from mamlab.core.batch import TaskBatch
 from mamlab.errors import MamlabError
