@@ -122,3 +122,11 @@ def test_cosine_schedule_runs_from_beta_down_to_zero() -> None:
     assert rates[50] == pytest.approx(0.005) and 0 < rates[-1] < 1e-5  # iteration 51 is half way
     constant = resolve_config("sinusoid", None, {"iterations": 100, "meta_lr": 0.01})
     assert {meta_lr_at(constant, i) for i in (1, 50, 100)} == {0.01}
+
+
+def test_linear_schedule_and_the_outer_optimizer() -> None:
+    c = resolve_config("sinusoid", None, {"iterations": 4, "meta_lr": 0.1, "lr_schedule": "linear",
+                                          "meta_optimizer": "sgd"})
+    assert [meta_lr_at(c, i) for i in range(1, 5)] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    with pytest.raises(MamlabError, match="unknown meta_optimizer 'rmsprop'; allowed: adam, sgd"):
+        resolve_config("sinusoid", None, {"meta_optimizer": "rmsprop"})

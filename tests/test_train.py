@@ -204,3 +204,24 @@ def test_a_run_under_bf16_autocast_trains_with_float32_parameters(tmp_path: Path
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in run.algorithm.parameters())
     losses = [m["meta_loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+
+
+def test_plain_sgd_as_the_outer_optimizer_steps_by_the_meta_gradient(tmp_path: Path) -> None:
+    """One iteration with meta_optimizer sgd: θ1 = θ0 − β·∇ (for Reptile, θ0 + β(φ̄ − θ0))."""
+    options = {**SMALL, "iterations": 1, "meta_lr": 0.5, "meta_optimizer": "sgd"}
+    config = resolve_config("sinusoid", None, options, algorithm="reptile")
+    run = train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    from mamlab.checkpoint import load_checkpoint
+    from mamlab.experiments import build_family
+    from mamlab.train import TRAIN_SEED_OFFSET, build_run_algorithm
+
+    torch.manual_seed(config.seed)
+    fresh = build_run_algorithm(config)
+    theta0 = [p.detach().clone() for p in fresh.parameters()]
+    assert [p.tolist() for p in theta0] == [t.tolist() for t in load_checkpoint(
+        tmp_path / "run" / "checkpoints" / "iter_000000").model_state.values()]
+    batch = build_family(config, "train").sample(config.meta_batch, config.shots, config.queries,
+                                                 torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed))
+    fresh.meta_loss(batch).backward()
+    for p0, p, trained in zip(theta0, fresh.parameters(), run.algorithm.parameters(), strict=True):
+        torch.testing.assert_close(trained.detach(), p0 - 0.5 * p.grad, rtol=1e-5, atol=1e-6)

@@ -36,10 +36,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["TrainConfig", "RUN_OPTIONS", "RESUMABLE_OPTIONS", "SCHEDULES", "PRECISIONS", "CONFIG_FORMAT",
+           "META_OPTIMIZERS",
            "resolve_config", "load_toml", "meta_lr_at", "presets", "load_preset", "option_owner"]
 
 CONFIG_FORMAT = 2
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
+META_OPTIMIZERS = ("adam", "sgd")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 RUN_OPTIONS: tuple[Option, ...] = (
@@ -48,7 +50,9 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("shots", "int", 10, "support examples per task (per class for classification)", positive=True),
     Option("queries", "int", 10, "query examples per task (per class for classification)", positive=True),
     Option("meta_lr", "float", 0.001, "β, Adam's learning rate", positive=True),
-    Option("lr_schedule", "str", "constant", "meta learning rate over the run: constant, or cosine "
+    Option("meta_optimizer", "str", "adam", "the outer loop's optimizer: adam, or plain sgd (Reptile's "
+           "θ ← θ + β(φ̄ − θ))", choices=META_OPTIMIZERS),
+    Option("lr_schedule", "str", "constant", "meta learning rate over the run: constant, cosine or linear "
            "(from β down to 0)", choices=SCHEDULES),
     Option("seed", "int", 0, "seed of the initialization, the task stream and validation tasks",
            positive="nonnegative"),
@@ -96,6 +100,7 @@ class TrainConfig:
     shots: int = 10
     queries: int = 10
     meta_lr: float = 0.001
+    meta_optimizer: str = "adam"
     lr_schedule: str = "constant"
     seed: int = 0
     execution: str = "auto"
@@ -220,6 +225,8 @@ def meta_lr_at(config: TrainConfig, iteration: int) -> float:
     """The meta learning rate β of iteration ``iteration`` (1-based) under ``config.lr_schedule``."""
     if config.lr_schedule == "cosine":
         return config.meta_lr * 0.5 * (1.0 + math.cos(math.pi * (iteration - 1) / config.iterations))
+    if config.lr_schedule == "linear":
+        return config.meta_lr * (1.0 - (iteration - 1) / config.iterations)
     return config.meta_lr
 
 

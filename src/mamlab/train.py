@@ -3,7 +3,8 @@
 Each iteration: draw the meta-batch from the task stream (on the CPU, so every device and every
 number of processes sees the same tasks), take this process's share of its tasks, move it to the
 device, ``algorithm.meta_loss(share).backward()``, all-reduce the meta-gradient across processes
-(``mamlab.runtime.Distributed``), one step of Adam on ``algorithm.parameters()``.
+(``mamlab.runtime.Distributed``), one step of Adam (or plain SGD, ``meta_optimizer``) on
+``algorithm.parameters()``.
 
 A run directory holds everything about a run::
 
@@ -279,7 +280,8 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
     val_family = build_family(config, "validation")
     torch.manual_seed(config.seed)
     algorithm = build_run_algorithm(config).to(device)  # initialized on the CPU: the same θ on every device
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=config.meta_lr)
+    optimizer = (torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam)(
+        algorithm.parameters(), lr=config.meta_lr)
     tasks = torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed)
     val_batch = val_family.sample(config.val_tasks, config.shots, config.queries,
                                   torch.Generator().manual_seed(VAL_SEED_OFFSET + config.seed)).to(device)
