@@ -3,9 +3,11 @@
 from mamlab.algorithms.anil import ANIL, head_parameters
 from mamlab.algorithms.base import InnerLoopAlgorithm, MetaAlgorithm
 from mamlab.algorithms.maml import EXECUTIONS, MAML, default_execution
+from mamlab.algorithms.metasgd import MetaSGD
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.algorithms.registry import ALGORITHMS, AlgorithmSpec, algorithm_spec, build_algorithm
 
 __all__ = ["MetaAlgorithm", "InnerLoopAlgorithm", "MAML", "ANIL", "Pretrain", "head_parameters",
+           "MetaSGD",
            "ALGORITHMS", "AlgorithmSpec", "algorithm_spec", "build_algorithm", "EXECUTIONS",
            "default_execution"]

@@ -17,6 +17,7 @@ from torch import nn
 from mamlab.algorithms.anil import ANIL
 from mamlab.algorithms.base import MetaAlgorithm
 from mamlab.algorithms.maml import MAML
+from mamlab.algorithms.metasgd import MetaSGD
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.core.losses import LossFn
 from mamlab.errors import MamlabError
@@ -88,3 +89,5 @@ register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
 register(AlgorithmSpec("pretrain", Pretrain, (INNER_LR, INNER_STEPS),
                        "Finn et al.'s baseline: supervised training on all tasks pooled, "
                        "fine-tuned by SGD at test time"))
+register(AlgorithmSpec("metasgd", MetaSGD, (INNER_LR, INNER_STEPS, FIRST_ORDER),
+                       "Meta-SGD (Li et al. 2017): a step size per parameter element, learned from inner_lr"))
