@@ -6,6 +6,7 @@ from mamlab.algorithms import (
     MAML,
     MAMLPlusPlus,
     MetaAlgorithm,
+    MetaSGD,
     Pretrain,
     Reptile,
     build_algorithm,
@@ -16,5 +17,5 @@ from mamlab.errors import MamlabError
 
 __version__ = "0.2.0.dev0"
 
-__all__ = ["MAML", "ANIL", "MAMLPlusPlus", "iMAML", "Reptile", "Pretrain", "MetaAlgorithm", "build_algorithm",
-           "TaskBatch", "MamlabError", "models", "tasks", "__version__"]
+__all__ = ["MAML", "ANIL", "MAMLPlusPlus", "MetaSGD", "iMAML", "Reptile", "Pretrain", "MetaAlgorithm",
+           "build_algorithm", "TaskBatch", "MamlabError", "models", "tasks", "__version__"]

@@ -19,6 +19,7 @@ from mamlab.algorithms.base import MetaAlgorithm
 from mamlab.algorithms.imaml import iMAML
 from mamlab.algorithms.maml import MAML
 from mamlab.algorithms.mamlpp import MAMLPlusPlus
+from mamlab.algorithms.metasgd import MetaSGD
 from mamlab.algorithms.pretrain import Pretrain
 from mamlab.algorithms.reptile import INNER_OPTIMIZERS, TRAIN_ON, Reptile
 from mamlab.core.losses import LossFn
@@ -129,3 +130,6 @@ register(AlgorithmSpec("reptile", Reptile,
                        (INNER_LR, INNER_STEPS, INNER_OPTIMIZER, TRAIN_ON_OPTION, INNER_BATCH),
                        "Reptile (Nichol et al. 2018): .grad = θ − mean of the task-trained weights",
                        "Reptile"))
+register(AlgorithmSpec("metasgd", MetaSGD, (INNER_LR, INNER_STEPS, FIRST_ORDER),
+                       "Meta-SGD (Li et al. 2017): a step size per parameter element, learned from inner_lr",
+                       "Meta-SGD"))
