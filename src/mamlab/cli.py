@@ -258,7 +258,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     ways = f"{run.config.ways}-way " if run.config.task == "omniglot" else ""
     print(f"{run.config.algorithm} on {run.config.task} (iteration {run.iteration}): {result.num_tasks} "
-          f"held-out {ways}tasks, {result.shots}-shot, {result.queries} queries, lr {result.lr}, "
+          f"held-out {ways}tasks, {result.shots}-shot, {result.queries} queries, "
+          f"{'learned step sizes' if result.lr is None else f'lr {result.lr}'}, "
           f"eval seed {result.seed}")
     print(_table(result.summary()))
     return 0

@@ -70,7 +70,7 @@ class EvalResult:
     shots: int
     queries: int
     steps: list[int]
-    lr: float
+    lr: float | None  # the inner step size, or None where the algorithm learns its own
     num_tasks: int
     seed: int
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -153,7 +153,8 @@ def evaluate_model(model: nn.Module | MetaAlgorithm, config: TrainConfig, *, sho
     steps = parse_steps(steps)
     family = build_family(config, "test") if family is None else family
     algorithm = as_algorithm(model, config)
-    shown_lr = lr if lr is not None else float(getattr(algorithm, "inner_lr", float("nan")))
+    own = getattr(algorithm, "inner_lr", None)  # None: the algorithm learns its step sizes
+    shown_lr = lr if lr is not None else (None if own is None else float(own))
     result = EvalResult(shots, queries, steps, shown_lr, num_tasks, seed)
     parts_l: dict[int, list[torch.Tensor]] = {s: [] for s in steps}
     parts_a: dict[int, list[torch.Tensor]] = {s: [] for s in steps}

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from mamlab.algorithms import ANIL, MetaAlgorithm, build_algorithm
-from mamlab.analysis.landscape import gradient_norms_along_inner_trajectory, top_hessian_eigenvalue
+from mamlab.analysis.landscape import top_hessian_eigenvalue
 from mamlab.analysis.representations import (
     capture_representations,
     head_parameter_names,
@@ -697,6 +697,28 @@ def _loss_on(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tens
     return lambda p: loss_fn(forward(model, p, x), y)
 
 
+def _gradient_norms_along_adaptation(learner: Learner, batch: TaskBatch, steps: int) -> np.ndarray:
+    """‖∇ L_support(θ_k)‖ of every task ``[T, steps + 1]`` along the learner's own inner trajectory.
+
+    θ_k is the learner's algorithm after k steps of its ``adapt`` (SGD at α for MAML, learned
+    step sizes for Meta-SGD, the proximal loop for iMAML, ...); the norm is over the adapted
+    parameters, of the plain support loss.
+    """
+    algorithm, model, loss_fn = learner.algorithm, learner.model, loss_for(learner.config)
+    params = algorithm.adapt(batch.support_x, batch.support_y, steps=0)
+    norms = np.zeros((batch.num_tasks, steps + 1))
+    for k in range(steps + 1):
+        if k:
+            params = algorithm.adapt(batch.support_x, batch.support_y, steps=1, start=params)
+        for i in range(batch.num_tasks):
+            p = {n: t[i].detach().requires_grad_(True) for n, t in params.items()}
+            with torch.enable_grad():
+                loss = loss_fn(forward(model, p, batch.support_x[i]), batch.support_y[i])
+                grads = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+            norms[i, k] = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+    return norms
+
+
 def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: int = 0,
               iters: int = 30, tol: float = 1e-3) -> dict[str, Any]:
     """Sharpness at θ and θ', and the gradient norm along the inner trajectory, over ``batch``'s tasks.
@@ -724,7 +746,6 @@ def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: i
         adapted = maml.adapt(b.support_x, b.support_y, steps=steps)
         theta = parameters_of(model, list(adapted))
         s_theta, s_adapt, q_adapt, conv = [], [], [], []
-        norms = []
         for i in range(b.num_tasks):
             sx, sy, qx, qy = b.support_x[i], b.support_y[i], b.query_x[i], b.query_y[i]
 
@@ -736,9 +757,7 @@ def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: i
                 eig = top_hessian_eigenvalue(fn, at, iters=iters, tol=tol, generator=gen)
                 target.append(eig.eigenvalue)
                 conv.append(eig.converged)
-            norms.append(gradient_norms_along_inner_trajectory(model, loss_fn, theta, sx, sy, lr.inner_lr,
-                                                               steps))
-        g = np.asarray(norms, dtype=np.float64)
+        g = _gradient_norms_along_adaptation(lr, b, steps)
         out["learners"][lr.name] = {
             "kind": lr.kind,
             "sharpness_support_theta": estimate_finite(s_theta),
