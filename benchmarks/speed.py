@@ -2,8 +2,8 @@
 
 Each (case, implementation) runs in its own subprocess so peak memory (max RSS growth over the
 process's RSS just before the first meta-iteration) is its own. Prints meta-iterations per second,
-peak memory, and ratios against the per-task loop. learn2learn and higher are timed too when
-importable. Usage:
+peak memory, and ratios against the per-task loop. ``anil`` is ANIL on the same model (only the
+head adapts; the auto path). learn2learn and higher are timed too when importable. Usage:
 
     python benchmarks/speed.py            # both cases
     python benchmarks/speed.py --case sinusoid --repeat 3
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mamlab import MAML, TaskBatch
+from mamlab import ANIL, MAML, TaskBatch
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
 
@@ -89,6 +89,11 @@ def measure(case: str, impl: str, queue: mp.Queue, threads: int | None) -> None:
         if impl == "loop":
             def step() -> None:
                 loop_step(model, batch, lr, loss_fn)
+        elif impl == "anil":  # the same model, only its head adapted (Raghu et al. 2020)
+            maml = ANIL(model, loss_fn, lr)
+
+            def step() -> None:
+                maml.meta_loss(batch).backward()
         elif impl.startswith("mamlab"):
             execution = impl.split(":")[1] if ":" in impl else "auto"
             maml = MAML(model, loss_fn, lr, execution=execution)
@@ -151,8 +156,8 @@ def main() -> None:
                         help="torch threads for every implementation (default: torch's choice)")
     args = parser.parse_args()
     cases = list(CASES) if args.case == "all" else [args.case]
-    impls = {"sinusoid": ["loop", "mamlab", "mamlab:vmap", "mamlab:loop", "learn2learn", "higher"],
-             "conv4": ["loop", "mamlab", "mamlab:vmap", "learn2learn", "higher"]}
+    impls = {"sinusoid": ["loop", "mamlab", "mamlab:vmap", "mamlab:loop", "anil", "learn2learn", "higher"],
+             "conv4": ["loop", "mamlab", "mamlab:vmap", "anil", "learn2learn", "higher"]}
     threads = args.threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} thread(s) per implementation")
     report = {}
