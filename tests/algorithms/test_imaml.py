@@ -257,3 +257,37 @@ def test_registry_options_are_checked(options: dict, match: str) -> None:
         build_algorithm("imaml", MLP(1, 1, hidden=(4,)), F.mse_loss, options)
     with pytest.raises(MamlabError, match=match):
         resolve_config("sinusoid", None, options, algorithm="imaml")
+
+
+def test_implicit_gradient_equals_finite_differences_where_the_inner_problem_is_solved() -> None:
+    """A nonlinear net: with the proximal problem solved (stationarity ~1e-14), ∇ equals central differences.
+
+    (Where the inner loop has not converged the implicit gradient is not the gradient of the
+    computed loss; that is iMAML's assumption, not something a test can fix.)
+    """
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = MLP(1, 1, hidden=(10,))
+        batch = Sinusoid().sample(3, 5, 10, torch.Generator().manual_seed(1)).to(dtype=torch.float64).task(0)
+        algo = iMAML(model, F.mse_loss, inner_lr=0.01, inner_steps=3000, lam=2.0, cg_steps=60)
+        algo.meta_loss(batch).backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        d = torch.randn(g.shape, generator=torch.Generator().manual_seed(3))
+        d = d / d.norm()
+
+        def shifted(eps: float) -> float:
+            with torch.no_grad():
+                for p, dd in zip(model.parameters(), torch.split(d, [p.numel() for p in model.parameters()]),
+                                 strict=True):
+                    p.add_(eps * dd.view_as(p))
+                value = float(algo.meta_loss(batch))
+                for p, dd in zip(model.parameters(), torch.split(d, [p.numel() for p in model.parameters()]),
+                                 strict=True):
+                    p.sub_(eps * dd.view_as(p))
+            return value
+
+        fd = (shifted(1e-5) - shifted(-1e-5)) / 2e-5
+        assert float(g @ d) == pytest.approx(fd, rel=1e-5, abs=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
