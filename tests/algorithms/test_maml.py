@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from references import ConvBN, mlp_forward
 from torch import nn
 
 from mamlab import MAML, MamlabError, TaskBatch
@@ -16,31 +17,6 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ---------------------------------------------------------------- independent references
-def mlp_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The MLP written out by hand: Linear-ReLU-...-Linear with weights p = [W0, b0, W1, b1, ...]."""
-    h = x
-    for i in range(0, len(p), 2):
-        h = h @ p[i].t() + p[i + 1]
-        if i + 2 < len(p):
-            h = torch.relu(h)
-    return h
-
-
-class ConvBN(nn.Module):
-    """A small conv net with batch-statistics BatchNorm, like Conv4 but tiny."""
-
-    def __init__(self, ways: int = 3) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(4, track_running_stats=False)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.b2 = nn.BatchNorm2d(4, track_running_stats=False)
-        self.head = nn.Linear(4 * 2 * 2, ways)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(torch.relu(self.b1(self.c1(x))), 2)
-        x = F.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
-        return self.head(x.flatten(1))
 
 
 def convbn_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from references import ConvBN, mlp_forward
 
 from mamlab import MamlabError, MAMLPlusPlus, TaskBatch, build_algorithm
 from mamlab.algorithms.mamlpp import AdaptedParams, msl_weights
@@ -42,30 +42,6 @@ def released_weights(n: int, epoch: int, epochs: int) -> list[float]:
     return w
 
 
-def mlp_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    h = x
-    for i in range(0, len(p), 2):
-        h = h @ p[i].t() + p[i + 1]
-        if i + 2 < len(p):
-            h = torch.relu(h)
-    return h
-
-
-class ConvBN(nn.Module):
-    """Two conv + BatchNorm blocks and a linear head."""
-
-    def __init__(self, ways: int = 3, track: bool = False) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(4, track_running_stats=track)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.b2 = nn.BatchNorm2d(4, track_running_stats=track)
-        self.head = nn.Linear(4 * 2 * 2, ways)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(torch.relu(self.b1(self.c1(x))), 2)
-        x = F.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
-        return self.head(x.flatten(1))
 
 
 def convbn_forward(p: list[torch.Tensor], bn: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

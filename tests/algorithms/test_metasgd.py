@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from references import mlp_forward
 
 from mamlab import MAML, MamlabError, MetaSGD, build_algorithm
 from mamlab.checkpoint import load_checkpoint
@@ -19,15 +20,6 @@ from mamlab.train import load_run, train
 
 float64 = pytest.mark.usefixtures("float64")
 
-
-def mlp_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The MLP by hand: Linear-ReLU-...-Linear with p = [W0, b0, W1, b1, ...]."""
-    h = x
-    for i in range(0, len(p), 2):
-        h = h @ p[i].t() + p[i + 1]
-        if i + 2 < len(p):
-            h = torch.relu(h)
-    return h
 
 
 def loop_grads(theta: list[torch.Tensor], alpha: list[torch.Tensor], batch, steps: int,

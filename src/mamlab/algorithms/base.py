@@ -77,6 +77,17 @@ class MetaAlgorithm(nn.Module):
         """f_{θ'_i}(x_i) for every task i: ``adapted`` from ``adapt``, ``x`` shaped ``[T, M, ...]``."""
         raise NotImplementedError
 
+    def check_adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None,
+                    lr: float | None) -> int:
+        """The number of steps ``adapt`` takes, after one-line checks of its arguments."""
+        steps = self.inner_steps if steps is None else steps
+        check_positive("steps", steps, integer=True, allow_zero=True)
+        if lr is not None:
+            check_positive("lr", lr)
+        check_xy("support", support_x, support_y)
+        check_dtype("support_x", support_x, self.model)
+        return steps
+
     def start_iteration(self, iteration: int, iterations: int) -> None:
         """Called by the training loop before meta-iteration ``iteration`` (1-based) of ``iterations``.
 
@@ -232,12 +243,7 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         Returns:
             The adapted parameters (the ``inner_params``, all by default), detached from θ.
         """
-        steps = self.inner_steps if steps is None else steps
-        check_positive("steps", steps, integer=True, allow_zero=True)
-        if lr is not None:
-            check_positive("lr", lr)
-        check_xy("support", support_x, support_y)
-        check_dtype("support_x", support_x, self.model)
+        steps = self.check_adapt(support_x, support_y, steps, lr)
         adapted, shared = self.split_parameters(detach=True)
         num_tasks = support_x.shape[0]
         if start is not None:

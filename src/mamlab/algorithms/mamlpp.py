@@ -60,7 +60,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mamlab.algorithms.base import InnerLoopAlgorithm, check_dtype, check_xy
+from mamlab.algorithms.base import InnerLoopAlgorithm
 from mamlab.core.batch import TaskBatch
 from mamlab.core.execution import grad_of
 from mamlab.core.losses import LossFn
@@ -242,12 +242,7 @@ class MAMLPlusPlus(InnerLoopAlgorithm):
         Returns:
             ``AdaptedParams``: θ'_i as ``[T, ...]`` tensors, detached, with ``.steps`` taken in all.
         """
-        steps = self.inner_steps if steps is None else steps
-        check_positive("steps", steps, integer=True, allow_zero=True)
-        if lr is not None:
-            check_positive("lr", lr)
-        check_xy("support", support_x, support_y)
-        check_dtype("support_x", support_x, self.model)
+        steps = self.check_adapt(support_x, support_y, steps, lr)
         adapted, shared = self.split_parameters(detach=True)
         num_tasks = support_x.shape[0]
         done = 0

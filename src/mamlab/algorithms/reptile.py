@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from mamlab.algorithms.base import MetaAlgorithm, check_batch, check_dtype, check_xy
+from mamlab.algorithms.base import MetaAlgorithm, check_batch
 from mamlab.core.batch import TaskBatch
 from mamlab.core.execution import PrecomputedGrad, grad_of
 from mamlab.core.losses import LossFn
@@ -214,12 +214,7 @@ class Reptile(MetaAlgorithm):
         Returns:
             ``Adapted``: the parameters, detached from θ, with the step count and optimizer state.
         """
-        steps = self.inner_steps if steps is None else steps
-        check_positive("steps", steps, integer=True, allow_zero=True)
-        if lr is not None:
-            check_positive("lr", lr)
-        check_xy("support", support_x, support_y)
-        check_dtype("support_x", support_x, self.model)
+        steps = self.check_adapt(support_x, support_y, steps, lr)
         theta = {k: p.detach() for k, p in parameters_of(self.model).items()}
         num = support_x.shape[0]
         if start is not None:

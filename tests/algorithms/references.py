@@ -1,0 +1,34 @@
+"""Networks written out by hand, the independent references the algorithm tests compare with."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The MLP written out by hand: Linear-ReLU-...-Linear with weights p = [W0, b0, W1, b1, ...]."""
+    h = x
+    for i in range(0, len(p), 2):
+        h = h @ p[i].t() + p[i + 1]
+        if i + 2 < len(p):
+            h = torch.relu(h)
+    return h
+
+
+class ConvBN(nn.Module):
+    """A small conv net with BatchNorm (batch statistics unless ``track``), like Conv4 but tiny."""
+
+    def __init__(self, ways: int = 3, track: bool = False) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(4, track_running_stats=track)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(4, track_running_stats=track)
+        self.head = nn.Linear(4 * 2 * 2, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(torch.relu(self.b1(self.c1(x))), 2)
+        x = F.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
+        return self.head(x.flatten(1))
