@@ -39,6 +39,9 @@ import torch
 from mamlab.errors import MamlabError
 
 __all__ = [
+    "RUN_ENTRIES",
+    "check_replaceable",
+    "is_mamlab_run",
     "RunLogger",
     "RunLogError",
     "read_metrics",
@@ -362,3 +365,45 @@ class RunLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- what --force may delete
+
+#: What a run directory written by mamlab holds; anything else in it belongs to somebody else.
+RUN_ENTRIES = frozenset({"config.json", "metadata.json", "metrics.jsonl", "tensorboard", "checkpoints",
+                         "model.safetensors", "algorithm.safetensors"})
+
+
+def is_mamlab_run(path: Path) -> bool:
+    """Whether ``path`` holds a run mamlab wrote: its ``config.json`` and ``metadata.json`` naming mamlab."""
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "config.json").is_file() and isinstance(meta, dict) and "mamlab_version" in meta
+
+
+def check_replaceable(path: Path, what: str, recognised: bool, allowed: frozenset[str] | None = None,
+                      suffixes: tuple[str, ...] = ()) -> None:
+    """One-line error unless ``--force`` may delete ``path``: mamlab's own ``what`` and nothing else.
+
+    Never the current directory or a folder holding it, nor the home or root folder; never a
+    folder that is not a ``what`` mamlab wrote (``recognised``); never one that also holds other
+    entries than ``allowed`` names (or files ending in ``suffixes``).
+    """
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    protected = (cwd, *cwd.parents, Path.home().resolve(), Path(resolved.anchor))
+    if resolved in protected:
+        raise MamlabError(f"--force will not delete {str(path)!r}: it is the current directory, the home "
+                          "folder or a folder that holds them; choose another output directory")
+    if not recognised:
+        raise MamlabError(f"--force replaces only a {what} written by mamlab, and {str(path)!r} holds other "
+                          "files; nothing was deleted: choose another output directory")
+    if allowed is not None:
+        foreign = sorted(e.name for e in path.iterdir() if e.name not in allowed
+                         and not (suffixes and e.is_file() and e.name.endswith(suffixes)))
+        if foreign:
+            raise MamlabError(f"--force will not delete {str(path)!r}: besides a mamlab {what} it holds "
+                              f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
+                              "move them out or choose another output directory")

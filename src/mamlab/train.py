@@ -53,7 +53,14 @@ from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
-from mamlab.runlog import RunLogger, run_metadata, write_json_atomic
+from mamlab.runlog import (
+    RUN_ENTRIES,
+    RunLogger,
+    check_replaceable,
+    is_mamlab_run,
+    run_metadata,
+    write_json_atomic,
+)
 from mamlab.runtime import Distributed, precision_context, resolve_device
 
 __all__ = ["train", "load_run", "read_config", "build_run_algorithm", "algorithm_state", "Run",
@@ -156,12 +163,17 @@ def _prepare_dir(out_dir: Path, resume: bool, force: bool) -> None:
         if not (out_dir / CONFIG_FILE).exists():
             raise MamlabError(f"cannot resume: {str(out_dir)!r} holds no run ({CONFIG_FILE} missing)")
         return
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        what = "a run" if (out_dir / CONFIG_FILE).exists() else "files"
-        raise MamlabError(
-            f"output directory {str(out_dir)!r} already holds {what}; use --resume to continue it, "
-            "--force to replace it, or another --out"
-        )
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if force:
+            check_replaceable(out_dir, "run", is_mamlab_run(out_dir), RUN_ENTRIES)
+        elif is_mamlab_run(out_dir):
+            raise MamlabError(
+                f"output directory {str(out_dir)!r} already holds a run; use --resume to continue it, "
+                "--force to replace it, or another --out"
+            )
+        else:
+            raise MamlabError(f"output directory {str(out_dir)!r} already holds files that are not a mamlab "
+                              "run; choose another --out")
     parent = out_dir.parent if not out_dir.exists() else out_dir
     probe = parent
     while not probe.exists():

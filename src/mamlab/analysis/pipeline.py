@@ -58,6 +58,7 @@ from mamlab.errors import MamlabError, check_positive
 from mamlab.evaluate import eval_generator
 from mamlab.experiments import build_family, is_classification
 from mamlab.report.html import Section, write_report
+from mamlab.runlog import check_replaceable, is_mamlab_run
 from mamlab.runtime import resolve_device
 from mamlab.tasks.base import TaskBatch
 from mamlab.train import Run, load_run
@@ -110,12 +111,17 @@ def _check_studies(studies: Sequence[str] | str | None) -> list[str]:
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise MamlabError(f"output {str(out)!r} exists and is not a directory; choose another out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "a report" if (out / "index.html").exists() or (out / "results.json").exists() else "files"
-        raise MamlabError(
-            f"output directory {str(out)!r} already holds {what}; pass force=True (--force) "
-            "to replace it, or choose another out"
-        )
+    if out.is_dir() and any(out.iterdir()):
+        report = (out / "index.html").is_file() and (out / "results.json").is_file()
+        if force:
+            check_replaceable(out, "report", report and not is_mamlab_run(out),
+                              frozenset({"index.html", "results.json"}), (".png",))
+        else:
+            what = "a report" if report else "files"
+            raise MamlabError(
+                f"output directory {str(out)!r} already holds {what}; pass force=True (--force) "
+                "to replace a report, or choose another out"
+            )
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
