@@ -138,3 +138,18 @@ def test_run_metadata(tmp_path, monkeypatch):
         assert run_metadata(cwd=tmp_path)["git_revision"] == head.stdout.strip()
     monkeypatch.setenv("PATH", "")  # git missing: still no failure
     assert run_metadata(cwd=tmp_path)["git_revision"] is None
+
+
+def test_run_lock_admits_one_holder(tmp_path) -> None:
+    import os
+
+    from mamlab.errors import MamlabError
+    from mamlab.runlog import RunLock
+
+    first = RunLock(tmp_path / "run").acquire()
+    with pytest.raises(MamlabError, match=f"is being written by process {os.getpid()} on .*; one process"):
+        RunLock(tmp_path / "run").acquire()
+    first.release()
+    with RunLock(tmp_path / "run"):
+        pass
+    assert (tmp_path / "run" / ".lock").is_file()

@@ -225,3 +225,51 @@ def test_plain_sgd_as_the_outer_optimizer_steps_by_the_meta_gradient(tmp_path: P
     fresh.meta_loss(batch).backward()
     for p0, p, trained in zip(theta0, fresh.parameters(), run.algorithm.parameters(), strict=True):
         torch.testing.assert_close(trained.detach(), p0 - 0.5 * p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_one_writer_per_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A second writer gets a one-line error naming the process; the OS frees the lock when it dies."""
+    from mamlab.cli import main
+
+    run = tmp_path / "run"
+    writer = _cli("train", "sinusoid", "--iterations", "1000000", "--checkpoint-every", "20", *CLI_SMALL,
+                  "--out", str(run))
+    try:
+        _wait_for_checkpoint(run, writer, beyond=1)
+        for argv in (["train", "--resume", str(run)],
+                     ["train", "sinusoid", "--out", str(run), "--force", *CLI_SMALL]):
+            with pytest.raises(SystemExit) as e:
+                sys.exit(main(argv))
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"is being written by process {writer.pid} on" in err and err.count("\n") == 1, err
+        assert writer.poll() is None  # the writer goes on
+    finally:
+        writer.kill()
+        writer.communicate(timeout=60)
+    # SIGKILL released the lock: the run resumes
+    assert main(["train", "--resume", str(run), "--iterations", str(load_run(run).iteration + 5),
+                 "--no-progress"]) == 0
+
+
+def test_a_killed_extension_is_evaluated_at_its_newest_checkpoint(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """Extending a finished run removes its out-of-date final model; eval then scores the newest checkpoint."""
+    from mamlab.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid", "--iterations", "20", "--checkpoint-every", "20", *CLI_SMALL,
+                 "--out", str(run)]) == 0
+    assert (run / "model.safetensors").is_file()
+    extension = _cli("train", "--resume", str(run), "--iterations", "1000000", "--checkpoint-every", "20")
+    try:
+        _wait_for_checkpoint(run, extension, beyond=3)  # iter 0, 20 and two more
+    finally:
+        extension.kill()
+        extension.communicate(timeout=60)
+    assert not (run / "model.safetensors").exists()
+    loaded = load_run(run)
+    newest = max(int(p.name.split("_")[1]) for p in list_checkpoints(run))
+    assert loaded.iteration == newest >= 60
+    assert main(["eval", str(run), "--tasks", "5"]) == 0
+    assert f"(iteration {newest})" in capsys.readouterr().out

@@ -40,6 +40,8 @@ from mamlab.errors import MamlabError
 
 __all__ = [
     "RUN_ENTRIES",
+    "LOCK_FILE",
+    "RunLock",
     "check_replaceable",
     "is_mamlab_run",
     "RunLogger",
@@ -371,7 +373,55 @@ class RunLogger:
 
 #: What a run directory written by mamlab holds; anything else in it belongs to somebody else.
 RUN_ENTRIES = frozenset({"config.json", "metadata.json", "metrics.jsonl", "tensorboard", "checkpoints",
-                         "model.safetensors", "algorithm.safetensors"})
+                         "model.safetensors", "algorithm.safetensors", ".lock"})
+#: The file a writer of a run directory holds an exclusive lock on.
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so that one process alone writes it.
+
+    ``fcntl.flock`` on ``RUN/.lock``: the operating system releases it when the process ends,
+    however it ends (SIGKILL included), so a crashed run never leaves a stale lock. A second writer
+    gets a one-line error naming the process that holds the lock. Readers (``eval``, ``analyze``)
+    do not lock. Where ``fcntl`` does not exist (Windows) the lock is not taken.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock (creating the directory and the lock file if needed) or raise MamlabError."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise MamlabError(f"{str(self.path.parent)!r} is being written by {holder}; one process at a "
+                              "time may write a run: wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {platform.node()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Let go of the lock (the file stays: it is part of the run directory)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def is_mamlab_run(path: Path) -> bool:

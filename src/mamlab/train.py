@@ -24,6 +24,7 @@ writes; every rank reads the checkpoint to resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -54,7 +55,9 @@ from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
 from mamlab.runlog import (
+    LOCK_FILE,
     RUN_ENTRIES,
+    RunLock,
     RunLogger,
     check_replaceable,
     is_mamlab_run,
@@ -163,7 +166,7 @@ def _prepare_dir(out_dir: Path, resume: bool, force: bool) -> None:
         if not (out_dir / CONFIG_FILE).exists():
             raise MamlabError(f"cannot resume: {str(out_dir)!r} holds no run ({CONFIG_FILE} missing)")
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(e.name != LOCK_FILE for e in out_dir.iterdir()):
         if force:
             check_replaceable(out_dir, "run", is_mamlab_run(out_dir), RUN_ENTRIES)
         elif is_mamlab_run(out_dir):
@@ -267,18 +270,22 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     device = resolve_device(config.device if config is not None else "auto")
     dist = Distributed.from_env(device)
     try:
-        return _train(config, out_dir, dist, resume, force, progress, bool(changes), echo)
+        with contextlib.ExitStack() as held:
+            return _train(config, out_dir, dist, resume, force, progress, bool(changes), echo, held)
     finally:
         dist.close()
 
 
 def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume: bool, force: bool,
-           progress: bool, changed: bool, echo: Callable[[str], None]) -> Run:
-    # one rank checks the directory and tells the others, so they all stop on the same error
+           progress: bool, changed: bool, echo: Callable[[str], None], held: contextlib.ExitStack) -> Run:
+    # rank 0 checks the directory (read-only), locks it, checks again under the lock, and tells the
+    # others, so they all stop on the same error; the lock is held until training ends
     problem = None
     if dist.is_main:
         try:
             _prepare_dir(out_dir, resume, force)
+            held.enter_context(RunLock(out_dir))
+            _prepare_dir(out_dir, resume, force)  # another writer may have started in between
         except MamlabError as e:
             problem = str(e)
     problem = dist.broadcast_object(problem)
@@ -312,11 +319,21 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                               f"least that, got {config.iterations}")
         if changed and dist.is_main:  # the run now has a new length or device: its config says so
             write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
+        if start < config.iterations and dist.is_main:
+            # the final model of a shorter run is now out of date (its parameters are the latest
+            # checkpoint's): remove it, so a killed extension never leaves it to be evaluated
+            for name in (MODEL_FILE, ALGORITHM_FILE):
+                (out_dir / name).unlink(missing_ok=True)
         if dist.is_main:
             echo(f"resuming {out_dir} from iteration {start} of {config.iterations}")
     elif dist.is_main:
-        if force and out_dir.exists():
-            shutil.rmtree(out_dir)
+        if force:  # a run of mamlab's own, checked under the lock: all of it but the lock goes
+            for entry in out_dir.iterdir():
+                if entry.name != LOCK_FILE:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
         write_json_atomic(out_dir / "metadata.json", {**run_metadata(), "device": str(device),
