@@ -135,7 +135,7 @@ def test_layout_latest_and_listing(tmp_path):
     model = make_model(0)
     paths = [save(tmp_path, model, it) for it in (0, 500, 1000, 1_000_000)]
     assert paths[1] == tmp_path / "checkpoints" / "iter_000500"
-    assert sorted(p.name for p in paths[1].iterdir()) == ["state.json", "weights.safetensors"]
+    assert sorted(p.name for p in paths[1].iterdir()) == ["SHA256SUMS", "state.json", "weights.safetensors"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_1000000"
     assert list_checkpoints(tmp_path) == paths  # numeric order, all kept by default
     assert latest_checkpoint(tmp_path) == paths[-1]
@@ -352,3 +352,27 @@ def test_save_and_load_model(tmp_path):
         load_model(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_every_file_of_a_checkpoint_is_checked_and_the_newest_intact_one_named(tmp_path):
+    """Editing the iteration in state.json (or the checksums) is caught; the message names what to resume."""
+    model = make_model(0)
+    for it in (0, 10, 20):
+        save(tmp_path, model, it)
+    state = tmp_path / "checkpoints" / "iter_000020" / "state.json"
+    state.write_text(state.read_text().replace('"iteration": 20', '"iteration": 30'))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path)
+    message = str(e.value)
+    assert "iter_000020/state.json: contents do not match SHA256SUMS (edited or corrupted)" in message
+    assert "the newest intact checkpoint is iter_000010: move iter_000020 out of" in message
+    assert "\n" not in message
+    with pytest.raises(CheckpointError, match="contents do not match SHA256SUMS"):
+        load_checkpoint(tmp_path / "checkpoints" / "iter_000020")  # asked for by name: no suggestion
+    (tmp_path / "checkpoints" / "iter_000010" / "SHA256SUMS").unlink()
+    with pytest.raises(CheckpointError, match="the newest intact checkpoint is iter_000000"):
+        load_checkpoint(tmp_path)
+    # moved away as the message says, the run continues from the newest intact one
+    (tmp_path / "checkpoints" / "iter_000020").rename(tmp_path / "damaged-20")
+    (tmp_path / "checkpoints" / "iter_000010").rename(tmp_path / "damaged-10")
+    assert load_checkpoint(tmp_path).iteration == 0

@@ -77,6 +77,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
+#: SHA-256 of every other file of a checkpoint, written last: an edited or damaged file is caught.
+SUMS_FILE = "SHA256SUMS"
 _NAME = re.compile(r"^iter_(\d+)$")
 
 
@@ -300,6 +302,7 @@ def save_checkpoint(
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _write_fsynced(tmp / WEIGHTS_FILE, weights)
         _write_fsynced(tmp / STATE_FILE, state_bytes)
+        _write_fsynced(tmp / SUMS_FILE, _sums({WEIGHTS_FILE: weights, STATE_FILE: state_bytes}))
         _fsync_dir(tmp)
         if final.exists():
             _remove_dir(final)
@@ -317,6 +320,30 @@ def save_checkpoint(
             if old != final:
                 _remove_dir(old)
     return final
+
+
+def _sums(files: Mapping[str, bytes]) -> bytes:
+    """``sha256sum``'s format: one ``<hex>  <name>`` line per file."""
+    return "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in files.items()).encode()
+
+
+def _check_sums(ckpt: Path, state_bytes: bytes, state: Mapping[str, Any]) -> None:
+    """Every file of the checkpoint against ``SHA256SUMS`` (mamlab 0.1.0 wrote none: its state.json
+    is then covered only by its own weights hash, as 0.1.0 checked it)."""
+    sums_path = ckpt / SUMS_FILE
+    if not sums_path.is_file():
+        if str(state.get("mamlab_version", "")).startswith("0.1."):
+            return
+        raise CheckpointError(f"{sums_path}: missing, so {STATE_FILE} cannot be checked (damaged checkpoint)")
+    try:
+        lines = sums_path.read_text(encoding="utf-8").splitlines()
+        recorded = {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{sums_path}: unreadable: {e}") from None
+    if recorded.get(STATE_FILE) != hashlib.sha256(state_bytes).hexdigest():
+        raise CheckpointError(f"{ckpt / STATE_FILE}: contents do not match {SUMS_FILE} (edited or corrupted)")
+    if recorded.get(WEIGHTS_FILE) != state["weights_sha256"]:
+        raise CheckpointError(f"{sums_path}: does not match the weights recorded in {STATE_FILE}")
 
 
 def _now() -> str:
@@ -412,9 +439,37 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         CheckpointError: nothing to load, a missing, truncated or corrupted file, or another
             format version; the message names the file.
     """
-    ckpt = _resolve(Path(path))
+    path = Path(path)
+    ckpt = _resolve(path)
+    try:
+        return _load(ckpt)
+    except CheckpointError as e:
+        if ckpt == path or ckpt.parent == path:  # a checkpoint was named: it is the one asked for
+            raise
+        intact = _newest_intact(ckpt)
+        if intact is None:
+            raise CheckpointError(f"{e}; no intact checkpoint is left in {ckpt.parent}") from None
+        raise CheckpointError(
+            f"{e}; the newest intact checkpoint is {intact.name}: move {ckpt.name} out of {ckpt.parent} "
+            f"and the run continues from {intact.name} (mamlab deletes no checkpoint)") from None
+
+
+def _newest_intact(damaged: Path) -> Path | None:
+    """The highest-iteration checkpoint of ``damaged``'s run, other than it, that loads."""
+    for candidate in reversed(list_checkpoints(damaged.parent.parent)):
+        if candidate != damaged:
+            try:
+                _load(candidate)
+            except CheckpointError:
+                continue
+            return candidate
+    return None
+
+
+def _load(ckpt: Path) -> Checkpoint:
     state_path, weights_path = ckpt / STATE_FILE, ckpt / WEIGHTS_FILE
-    state = _read_state(state_path)
+    state, state_bytes = _read_state(state_path)
+    _check_sums(ckpt, state_bytes, state)
     try:
         weights = weights_path.read_bytes()
     except OSError as e:
@@ -469,10 +524,11 @@ _STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _read_state(state_path: Path) -> dict[str, Any]:
-    """Read and validate ``state.json``."""
+def _read_state(state_path: Path) -> tuple[dict[str, Any], bytes]:
+    """Read and validate ``state.json``; also its bytes, for the checksum."""
     try:
-        text = state_path.read_text(encoding="utf-8")
+        data = state_path.read_bytes()
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -491,7 +547,7 @@ def _read_state(state_path: Path) -> dict[str, Any]:
     for key, kind in _STATE_FIELDS.items():
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{state_path}: missing or malformed field {key!r}")
-    return state
+    return state, data
 
 
 # --------------------------------------------------------------------------- checks
