@@ -48,3 +48,18 @@ def test_parse_steps() -> None:
     assert parse_steps("10,0, 5,5") == [0, 5, 10]
     with pytest.raises(MamlabError, match="steps must be comma-separated integers >= 0, got '-1'"):
         parse_steps("-1")
+
+
+def test_evaluation_survives_diverged_tasks(capsys) -> None:
+    """A step size that blows some tasks up: the table still comes, with medians and the count."""
+    import torch as _torch
+
+    from mamlab.cli import _table
+    from mamlab.evaluate import EvalResult
+
+    losses = _torch.tensor([0.1, 0.2, float("inf"), 0.3, float("nan"), 0.4])
+    r = EvalResult(5, 10, [1], 0.5, 6, 0, losses={1: losses})
+    (row,) = r.summary()
+    assert row["loss_diverged"] == 2 and row["loss"] == pytest.approx(0.25)
+    assert row["loss_median"] == pytest.approx(0.3) and row["loss_median_high"] == float("inf")
+    assert "diverged" in _table([row])

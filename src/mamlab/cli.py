@@ -261,16 +261,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
           f"held-out {ways}tasks, {result.shots}-shot, {result.queries} queries, "
           f"{'learned step sizes' if result.lr is None else f'lr {result.lr}'}, "
           f"eval seed {result.seed}")
-    print(_table(result.summary()))
+    rows = result.summary()
+    print(_table(rows))
+    if any(r["loss_diverged"] for r in rows):
+        print("diverged: tasks whose loss is not finite; the mean is over the others, the median counts "
+              "them as +inf")
     return 0
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     has_acc = any("accuracy" in r for r in rows)
+    diverged = any(r.get("loss_diverged") for r in rows)
     head = f"{'steps':>5}  {'query loss (95% CI)':>22}  {'median':>8}"
+    if diverged:
+        head += f"  {'median 95% CI':>21}  {'diverged':>8}"
     lines = [head + (f"  {'accuracy (95% CI)':>20}" if has_acc else "")]
     for r in rows:
-        line = f"{r['steps']:>5}  {r['loss']:>12.4f} ± {r['loss_ci95']:<7.4f}  {r['loss_median']:>8.4f}"
+        line = f"{r['steps']:>5}  {r['loss']:>12.4f} ± {r['loss_ci95']:<7.4f}  {r['loss_median']:>8.4g}"
+        if diverged:
+            low, high = r["loss_median_low"], r["loss_median_high"]
+            line += f"  [{low:>8.4g}, {high:>8.4g}]  {r['loss_diverged']:>8}"
         if has_acc:
             line += f"  {100 * r['accuracy']:>10.2f}% ± {100 * r['accuracy_ci95']:.2f}%"
         lines.append(line)

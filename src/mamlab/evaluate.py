@@ -21,7 +21,7 @@ from mamlab.algorithms import MetaAlgorithm, build_algorithm
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.experiments import accuracy, build_family, is_classification, loss_for
-from mamlab.stats import mean_ci
+from mamlab.stats import mean_ci, median_ci
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
 __all__ = ["evaluate_on_oneshot_runs", "EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult",
@@ -77,12 +77,24 @@ class EvalResult:
     accuracies: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per step count: mean loss and accuracy with 95% CI half-widths."""
+        """One row per step count: mean loss and accuracy with 95% CI half-widths.
+
+        A task whose loss is not finite has diverged: the mean and its interval are then over the
+        finite tasks, ``loss_diverged`` counts the others, and the median (with its
+        distribution-free interval) counts them as +inf, so one exploding task cannot hide or
+        abort the rest (a test-time step-size sweep stays possible).
+        """
         rows = []
         for s in self.steps:
-            m, ci = mean_ci(self.losses[s])
-            row: dict[str, Any] = {"steps": s, "loss": m, "loss_ci95": ci,
-                                   "loss_median": float(self.losses[s].median())}
+            raw = self.losses[s].double()
+            losses = torch.where(torch.isnan(raw), torch.full_like(raw, float("inf")), raw)
+            finite = losses[torch.isfinite(losses)]
+            m, ci = mean_ci(finite) if finite.numel() >= 2 else (float("nan"), float("nan"))
+            _, lo, hi = median_ci(losses)
+            med = float(losses.median())  # torch's (lower) median, as mamlab 0.1.0 reported it
+            row: dict[str, Any] = {"steps": s, "loss": m, "loss_ci95": ci, "loss_median": med,
+                                   "loss_median_low": lo, "loss_median_high": hi,
+                                   "loss_diverged": int(losses.numel() - finite.numel())}
             if s in self.accuracies:
                 am, aci = mean_ci(self.accuracies[s])
                 row.update(accuracy=am, accuracy_ci95=aci)

@@ -171,6 +171,8 @@ def omniglot_dataset(options: Mapping[str, Any], seed: int):  # -> mamlab.tasks.
 
 
 def _family(options: Mapping[str, Any], split: str, seed: int) -> TaskFamily:
+    if not options["data"]:
+        raise MamlabError("omniglot needs --data PATH: a folder or zip of the Omniglot release")
     data = omniglot_dataset(options, seed)
     try:
         return data.tasks(split, options["ways"])
@@ -181,8 +183,6 @@ def _family(options: Mapping[str, Any], split: str, seed: int) -> TaskFamily:
 def _check(options: Mapping[str, Any]) -> None:
     if not 0.0 < options["validation_fraction"] < 1.0:
         raise MamlabError(f"validation_fraction must be in (0, 1), got {options['validation_fraction']!r}")
-    if not options["data"]:
-        raise MamlabError("omniglot needs --data PATH: a folder or zip of the Omniglot release")
 
 
 def _argmax_accuracy(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,24 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
 
 def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume: bool, force: bool,
            progress: bool, changed: bool, echo: Callable[[str], None], held: contextlib.ExitStack) -> Run:
+    if config is None:  # resuming a directory without a run: say so (one line)
+        _prepare_dir(out_dir, resume, force)
+        raise MamlabError(f"cannot resume: {str(out_dir)!r} holds no run")
+    # the data, the network and the validation tasks first: a bad dataset, a task the data cannot
+    # hold or a meta-batch too small to split is an error before anything is written
+    family = build_family(config, "train")
+    val_family = build_family(config, "validation")
+    device = dist.device
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(config.seed)
+    algorithm = build_run_algorithm(config).to(device)  # initialized on the CPU: the same θ on every device
+    optimizer = (torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam)(
+        algorithm.parameters(), lr=config.meta_lr)
+    tasks = torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed)
+    val_batch = val_family.sample(config.val_tasks, config.shots, config.queries,
+                                  torch.Generator().manual_seed(VAL_SEED_OFFSET + config.seed)).to(device)
+    dist.task_share(config.meta_batch)
     # rank 0 checks the directory (read-only), locks it, checks again under the lock, and tells the
     # others, so they all stop on the same error; the lock is held until training ends
     problem = None
@@ -291,20 +309,6 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
     problem = dist.broadcast_object(problem)
     if problem is not None:
         raise MamlabError(problem)
-    assert config is not None
-    device = dist.device
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    family = build_family(config, "train")
-    val_family = build_family(config, "validation")
-    torch.manual_seed(config.seed)
-    algorithm = build_run_algorithm(config).to(device)  # initialized on the CPU: the same θ on every device
-    optimizer = (torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam)(
-        algorithm.parameters(), lr=config.meta_lr)
-    tasks = torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed)
-    val_batch = val_family.sample(config.val_tasks, config.shots, config.queries,
-                                  torch.Generator().manual_seed(VAL_SEED_OFFSET + config.seed)).to(device)
-    dist.task_share(config.meta_batch)  # a meta-batch too small to split is an error before anything runs
     start, skipped = 0, 0
     if resume:
         if latest_checkpoint(out_dir) is not None:
