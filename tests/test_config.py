@@ -130,3 +130,9 @@ def test_linear_schedule_and_the_outer_optimizer() -> None:
     assert [meta_lr_at(c, i) for i in range(1, 5)] == pytest.approx([0.1, 0.075, 0.05, 0.025])
     with pytest.raises(MamlabError, match="unknown meta_optimizer 'rmsprop'; allowed: adam, sgd"):
         resolve_config("sinusoid", None, {"meta_optimizer": "rmsprop"})
+
+
+def test_integers_must_fit_torch() -> None:
+    with pytest.raises(MamlabError, match="seed must be an integer >= 0, got 9223372036854775808"):
+        resolve_config("sinusoid", None, {"seed": 2**63})
+    assert resolve_config("sinusoid", None, {"seed": 2**63 - 1}).seed == 2**63 - 1

@@ -126,6 +126,7 @@ def test_run_metadata(tmp_path, monkeypatch):
         "python_version",
         "platform",
         "git_revision",
+        "git_dirty",
         "timestamp",
     }
     assert meta["torch_version"] == torch.__version__ and meta["git_revision"] is None
@@ -136,6 +137,9 @@ def test_run_metadata(tmp_path, monkeypatch):
         subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
         assert run_metadata(cwd=tmp_path)["git_revision"] == head.stdout.strip()
+        assert run_metadata(cwd=tmp_path)["git_dirty"] is False
+        (tmp_path / "edited.py").write_text("x = 1\n")
+        assert run_metadata(cwd=tmp_path)["git_dirty"] is True
     monkeypatch.setenv("PATH", "")  # git missing: still no failure
     assert run_metadata(cwd=tmp_path)["git_revision"] is None
 
@@ -147,9 +151,18 @@ def test_run_lock_admits_one_holder(tmp_path) -> None:
     from mamlab.runlog import RunLock
 
     first = RunLock(tmp_path / "run").acquire()
-    with pytest.raises(MamlabError, match=f"is being written by process {os.getpid()} on .*; one process"):
+    with pytest.raises(MamlabError, match=f"is being written by process {os.getpid()}; one process"):
         RunLock(tmp_path / "run").acquire()
     first.release()
     with RunLock(tmp_path / "run"):
         pass
     assert (tmp_path / "run" / ".lock").is_file()
+
+
+def test_metadata_names_mamlab_s_own_revision(tmp_path, monkeypatch) -> None:
+    from mamlab.runlog import run_metadata
+
+    monkeypatch.chdir(tmp_path)  # not a repository: the revision is still mamlab's (None outside git)
+    meta = run_metadata()
+    assert {"git_revision", "git_dirty"} <= set(meta)
+    assert "node" not in " ".join(meta) and all("host" not in k for k in meta)

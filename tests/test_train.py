@@ -242,7 +242,7 @@ def test_one_writer_per_run_directory(tmp_path: Path, capsys: pytest.CaptureFixt
                 sys.exit(main(argv))
             assert e.value.code == 2
             err = capsys.readouterr().err
-            assert f"is being written by process {writer.pid} on" in err and err.count("\n") == 1, err
+            assert f"is being written by process {writer.pid};" in err and err.count("\n") == 1, err
         assert writer.poll() is None  # the writer goes on
     finally:
         writer.kill()

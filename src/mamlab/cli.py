@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Meta-train with ALGORITHM on TASK. Flags override --config and "
                        "--preset, which override the papers' defaults for the task. Each option belongs "
                        "to the run, the task or the algorithm; an option of another task or algorithm "
-                       "is an error. Under torchrun (torchrun --nproc_per_node N -m mamlab train ...) "
-                       "the tasks of each meta-batch are split across the processes.")
+                       "is an error. A default shown below is the option's own; a task may set its "
+                       "papers' value instead (see --print-config). Under torchrun (torchrun "
+                       "--nproc_per_node N -m mamlab train ...) the tasks of each meta-batch are split "
+                       "across the processes.")
     t.add_argument("task", nargs="?", help="task family: " + ", ".join(_task_names()))
     t.add_argument("--out", type=Path, help="run directory to create")
     t.add_argument("--resume", type=Path, metavar="DIR",
@@ -99,15 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     for group, options in _option_groups():
         g = t.add_argument_group(group)
         for o in options:
+            shown = ",".join(map(str, o.default)) if isinstance(o.default, list) else o.default
+            text = f"{o.help} (default: {shown})" if o.default is not None else o.help
             if o.kind == "bool":
                 g.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=o.help)
+                               help=text)
             else:
                 metavar = {"int": "N", "float": "X", "str": "NAME", "ints": "N,N,...", "strs": "NAME,...",
                            "range": "LOW,HIGH"}[o.kind]
                 if o.choices:
                     metavar = "{" + ",".join(o.choices) + "}"
-                g.add_argument(o.flag, dest=o.name, metavar=metavar, default=None, help=o.help)
+                g.add_argument(o.flag, dest=o.name, metavar=metavar, default=None, help=text)
 
     e = sub.add_parser("eval", help="meta-test a trained run on held-out tasks",
                        description="Adapt the run's model to held-out tasks from a seeded evaluation "
@@ -140,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tasks", type=int, default=200, help="held-out tasks (default 200)")
     a.add_argument("--steps", type=int, default=20, help="most inner steps of the adaptation curves (20)")
     a.add_argument("--seed", type=int, default=0, help="evaluation episodes' seed (default 0)")
-    a.add_argument("--studies", help="comma-separated subset of the studies (default: all)")
+    a.add_argument("--studies", help="comma-separated subset of the studies (default: all): adaptation, "
+                   "shots, generalization, shift, representations, landscape")
     a.add_argument("--force", action="store_true", help="replace an existing report in --out")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     a.add_argument("--no-progress", action="store_true")
@@ -326,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _cmd_train, "eval": _cmd_eval, "analyze": _cmd_analyze, "demo": _cmd_demo}
     threads = getattr(args, "threads", None)
     if threads is not None:
-        if threads < 1:
-            print(f"mamlab: error: threads must be an integer > 0, got {threads}", file=sys.stderr)
+        if not 1 <= threads <= 4096:
+            print(f"mamlab: error: threads must be an integer from 1 to 4096, got {threads}", file=sys.stderr)
             return 2
         import torch
 

@@ -66,7 +66,7 @@ class Option:
     def _number_ok(self, v: Any, integer: bool) -> bool:
         if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
             return False
-        if not math.isfinite(v):
+        if not math.isfinite(v) or (integer and not -(2**63) <= v < 2**63):  # must fit torch's int64
             return False
         if self.positive is True:
             return v > 0

@@ -158,28 +158,42 @@ def _git_revision(cwd: Path | None) -> str | None:
     return rev if out.returncode == 0 and rev else None
 
 
+def _git_dirty(cwd: Path) -> bool | None:
+    """Whether the files under ``cwd`` differ from git's ``HEAD``; None when that cannot be told."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=cwd, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def run_metadata(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Versions, platform, git revision and a UTC timestamp describing where a run ran.
 
     Never fails and never records the host name. Save it with ``write_json_atomic``.
 
     Args:
-        cwd: where to ask git for the revision; the current directory by default.
+        cwd: where to ask git for the revision; by default mamlab's own source folder (the
+            revision of the code that ran, not of the folder the command ran in).
 
     Returns:
         ``{"mamlab_version", "torch_version", "cuda_version", "python_version", "platform",
-        "git_revision", "timestamp"}``; ``git_revision`` (the ``HEAD`` commit) and
-        ``cuda_version`` are None when unavailable; ``timestamp`` is ISO 8601 in UTC.
+        "git_revision", "git_dirty", "timestamp"}``; ``git_revision`` (the ``HEAD`` commit),
+        ``git_dirty`` (uncommitted changes to mamlab's files) and ``cuda_version`` are None when
+        unavailable (e.g. mamlab installed from a wheel); ``timestamp`` is ISO 8601 in UTC.
     """
     from mamlab import __version__  # late: mamlab/__init__ may import this module
 
+    where = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     return {
         "mamlab_version": __version__,
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
-        "git_revision": _git_revision(Path(cwd) if cwd is not None else None),
+        "git_revision": _git_revision(where),
+        "git_dirty": _git_dirty(where),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -407,7 +421,7 @@ class RunLock:
             raise MamlabError(f"{str(self.path.parent)!r} is being written by {holder}; one process at a "
                               "time may write a run: wait for it to finish or stop it") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {platform.node()}\n".encode())
+        os.write(fd, f"process {os.getpid()}\n".encode())
         self._fd = fd
         return self
 

@@ -43,3 +43,13 @@ def test_parameters_and_buffers() -> None:
     assert list(parameters_of(model)) == ["0.weight", "1.weight", "1.bias"]
     assert list(parameters_of(model, ["1.bias"])) == ["1.bias"]
     assert set(buffers_of(model)) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+
+
+def test_a_task_batch_needs_a_task() -> None:
+    import pytest
+    import torch
+
+    from mamlab import MamlabError, TaskBatch
+
+    with pytest.raises(MamlabError, match="TaskBatch needs at least one task, got 0"):
+        TaskBatch(torch.zeros(0, 3, 1), torch.zeros(0, 3, 1), torch.zeros(0, 2, 1), torch.zeros(0, 2, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import zipfile
 import zlib
@@ -109,7 +110,9 @@ def omniglot_helpers() -> SimpleNamespace:
                            write_zip=write_zip, write_folder=write_folder)
 
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
+#: The real Omniglot archives: $MAMLAB_OMNIGLOT_DATA, else ../shared/data/omniglot beside the checkout.
+REAL = Path(os.environ.get("MAMLAB_OMNIGLOT_DATA")
+            or Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot")
 
 
 @pytest.fixture(scope="session")

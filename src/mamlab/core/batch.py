@@ -56,6 +56,8 @@ class TaskBatch:
                 f"support_x example shape {tuple(self.support_x.shape[2:])} differs from query_x "
                 f"example shape {tuple(self.query_x.shape[2:])}; they must match"
             )
+        if self.support_x.shape[0] == 0:
+            raise MamlabError("TaskBatch needs at least one task, got 0")
         if self.support_x.shape[1] == 0:
             raise MamlabError("TaskBatch needs at least one support example per task, got 0")
 
