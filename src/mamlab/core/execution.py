@@ -37,7 +37,7 @@ from mamlab.core.losses import LossFn, per_task_loss
 from mamlab.core.params import Params, buffers_of, forward
 from mamlab.errors import MamlabError, check_choice, check_positive
 
-__all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "grad_of", "PrecomputedGrad"]
+__all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "vmap_unsafe", "grad_of", "PrecomputedGrad"]
 
 EXECUTIONS = ("auto", "batched", "vmap", "loop")
 
@@ -53,6 +53,9 @@ _BATCHED_SLOW_OR_UNSAFE = (
 def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> str:
     """The path ``execution="auto"`` takes: batched MLP, else loop for conv/norm on CPU, else vmap.
 
+    Models vmap cannot run (recurrent layers, dropout in training mode: ``vmap_unsafe``) go to the
+    loop on every device.
+
     Measured on 2 CPU cores (``benchmarks/speed.py``): vmap runs the sinusoid MLP an order of
     magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
     whose BatchNorm tracks running statistics also go to the loop, since vmap cannot update a
@@ -61,12 +64,31 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     device = torch.device(device)
     if plan_for(model) is not None:
         return "batched"
+    if vmap_unsafe(model):
+        return "loop"
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
             return "loop"
         if device.type == "cpu" and isinstance(m, _BATCHED_SLOW_OR_UNSAFE):
             return "loop"
     return "vmap"
+
+
+#: Modules vmap cannot run as the model's own forward does: recurrent layers (their fused kernels
+#: have no batching rule) and, in training mode, dropout (vmap refuses random operations unless told
+#: how to share randomness across tasks).
+_VMAP_UNSAFE = (nn.RNNBase,)
+_RANDOM_IN_TRAINING = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def vmap_unsafe(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run under vmap (``"nn.LSTM"``, ``"dropout in training mode"``), or None."""
+    for m in model.modules():
+        if isinstance(m, _VMAP_UNSAFE):
+            return f"nn.{type(m).__name__}"
+        if isinstance(m, _RANDOM_IN_TRAINING) and m.training and getattr(m, "p", 0) > 0:
+            return "dropout in training mode"
+    return None
 
 
 def grad_of(loss: torch.Tensor, params: Mapping[str, torch.Tensor], create_graph: bool) -> Params:
@@ -107,6 +129,9 @@ class TaskEngine:
         if task_chunk is not None:
             check_positive("task_chunk", task_chunk, integer=True)
         self.plan = plan_for(model)
+        if execution == "vmap" and vmap_unsafe(model):
+            raise MamlabError(f"execution 'vmap' cannot run this model ({vmap_unsafe(model)}); "
+                              "allowed for it: auto, loop")
         if execution == "batched" and self.plan is None:
             raise MamlabError(
                 f"execution 'batched' needs a Sequential of Linear layers and elementwise activations, "
