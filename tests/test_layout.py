@@ -8,7 +8,8 @@ Data flows: core → models, tasks → algorithms → experiments → config →
 
     layer  top-level names under mamlab            what they are
     -----  --------------------------------------  ------------------------------------------------
-      0    errors, stats, options                  one-line errors, confidence intervals, typed options
+      0    errors, stats, options, files           one-line errors, confidence intervals, typed options,
+                                                   bounded reads of regular files
       1    core                                    pure tensor code: TaskBatch, parameter dicts, the
                                                    batched MLP, per-task losses, the execution engine
       2    models, tasks                           networks; task families
@@ -40,7 +41,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "mamlab"
 
 #: Top-level names under ``mamlab`` by layer, lowest first (see the table above).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "stats", "options"),
+    ("errors", "stats", "options", "files"),
     ("core",),
     ("models", "tasks"),
     ("algorithms",),

@@ -52,6 +52,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from mamlab.errors import MamlabError
+from mamlab.files import GIB, KIB, MIB, read_regular, read_regular_text
 from mamlab.runlog import _fsync_dir, write_bytes_atomic
 
 __all__ = [
@@ -336,7 +337,7 @@ def _check_sums(ckpt: Path, state_bytes: bytes, state: Mapping[str, Any]) -> Non
             return
         raise CheckpointError(f"{sums_path}: missing, so {STATE_FILE} cannot be checked (damaged checkpoint)")
     try:
-        lines = sums_path.read_text(encoding="utf-8").splitlines()
+        lines = read_regular_text(sums_path, 64 * KIB, "a checksum list", CheckpointError).splitlines()
         recorded = {name: digest for digest, name in (line.split("  ", 1) for line in lines if line)}
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{sums_path}: unreadable: {e}") from None
@@ -393,8 +394,8 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """
     root = Path(run_dir) / CHECKPOINTS_DIR
     try:
-        name = (root / LATEST_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        name = read_regular_text(root / LATEST_FILE, KIB, "a checkpoint pointer", CheckpointError).strip()
+    except (OSError, CheckpointError):  # missing or not a pointer: fall back to the newest checkpoint
         name = ""
     target = root / name
     if _NAME.match(name) and (target / WEIGHTS_FILE).is_file() and (target / STATE_FILE).is_file():
@@ -471,7 +472,7 @@ def _load(ckpt: Path) -> Checkpoint:
     state, state_bytes = _read_state(state_path)
     _check_sums(ckpt, state_bytes, state)
     try:
-        weights = weights_path.read_bytes()
+        weights = read_regular(weights_path, 256 * GIB, "checkpoint weights", CheckpointError)
     except OSError as e:
         raise CheckpointError(f"{weights_path}: cannot read: {e.strerror or e}") from None
     if hashlib.sha256(weights).hexdigest() != state["weights_sha256"]:
@@ -527,7 +528,7 @@ _STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
 def _read_state(state_path: Path) -> tuple[dict[str, Any], bytes]:
     """Read and validate ``state.json``; also its bytes, for the checksum."""
     try:
-        data = state_path.read_bytes()
+        data = read_regular(state_path, 256 * MIB, "a checkpoint state file", CheckpointError)
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{state_path}: missing") from None
@@ -636,7 +637,7 @@ def load_model(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, 256 * GIB, "a safetensors model file", CheckpointError)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:

@@ -54,6 +54,7 @@ from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
+from mamlab.files import MIB, read_regular_text
 from mamlab.runlog import (
     LOCK_FILE,
     RUN_ENTRIES,
@@ -123,7 +124,7 @@ def read_config(run_dir: Path) -> TrainConfig:
     """The TrainConfig saved in a run directory (one-line error if missing or invalid)."""
     path = run_dir / CONFIG_FILE
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(read_regular_text(path, 16 * MIB, "a run configuration (config.json)"))
     except FileNotFoundError:
         raise MamlabError(f"{run_dir} is not a mamlab run: {path.name} is missing") from None
     except (OSError, ValueError) as e:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mamlab.errors import MamlabError, check_choice
+from mamlab.files import MIB, read_regular
 from mamlab.tasks.omniglot.cache import default_cache_dir
 
 __all__ = [
@@ -117,14 +118,28 @@ class ArchiveReader:
             raise MamlabError(f"{what} {str(path)!r} is not a readable zip archive ({err}); expected "
                               "an official Omniglot .zip or an extracted folder") from None
 
+    #: The most bytes one file of the release may expand to (a 105x105 PNG is a few kB).
+    MAX_ENTRY = 4 * MIB
+
     def read(self, name: str) -> bytes:
-        """The bytes of the file ``name`` (one of ``names``)."""
+        """The bytes of the file ``name`` (one of ``names``), at most ``MAX_ENTRY`` of them."""
+        where = f"{str(self.path)!r}"
         try:
-            if self.zip is not None:
-                return self.zip.read(name)
-            return (self.path / name).read_bytes()
-        except (OSError, zipfile.BadZipFile, KeyError) as err:
-            raise MamlabError(f"cannot read {name!r} from {str(self.path)!r}: {err}") from None
+            if self.zip is None:
+                return read_regular(self.path / name, self.MAX_ENTRY, "an Omniglot file")
+            info = self.zip.getinfo(name)
+            if info.file_size > self.MAX_ENTRY:
+                raise MamlabError(f"{name!r} in {where} expands to {info.file_size} bytes, more than an "
+                                  f"Omniglot file can be ({self.MAX_ENTRY}); the archive is not the release")
+            with self.zip.open(info) as f:  # the header may lie: never read past the bound
+                data = f.read(self.MAX_ENTRY + 1)
+            if len(data) > self.MAX_ENTRY:
+                raise MamlabError(f"{name!r} in {where} expands past {self.MAX_ENTRY} bytes; the archive is "
+                                  "not the release")
+            return data
+        except (OSError, zipfile.BadZipFile, KeyError, RuntimeError, NotImplementedError, EOFError) as err:
+            # RuntimeError: an encrypted entry; NotImplementedError: an unknown compression method
+            raise MamlabError(f"cannot read {name!r} from {where}: {err}") from None
 
     def close(self) -> None:
         """Close the zip file, if any."""

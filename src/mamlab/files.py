@@ -1,0 +1,54 @@
+"""Reading files mamlab trusts: regular files only, and no more bytes than such a file can hold.
+
+A FIFO, a device or a socket where a checkpoint pointer, weights or a configuration should be must
+not hang a command or exhaust its memory; a zip entry must not expand past what an Omniglot
+drawing can be. Every such case is a one-line error naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from mamlab.errors import MamlabError
+
+__all__ = ["read_regular", "read_regular_text", "KIB", "MIB", "GIB"]
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, what: str = "file",
+                 error: type[MamlabError] = MamlabError) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    The file is opened without blocking (a FIFO cannot stall the call) and checked on the open
+    descriptor, so it cannot be swapped between the check and the read. ``FileNotFoundError`` is
+    left to the caller, which knows what a missing file means.
+
+    Raises:
+        ``error`` (a MamlabError): not a regular file, or larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: not a regular file; expected {what}")
+        if info.st_size > limit:
+            raise error(f"{path}: {info.st_size} bytes, more than the {limit} that {what} can be")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(info.st_size + 1)  # one byte more shows a file that grew past its size
+    finally:
+        os.close(fd)
+    if len(data) > min(limit, info.st_size):
+        raise error(f"{path}: changed while it was read; expected {what}")
+    return data
+
+
+def read_regular_text(path: Path, limit: int, what: str = "file",
+                      error: type[MamlabError] = MamlabError) -> str:
+    """``read_regular`` decoded as UTF-8 (a decoding error is a one-line ``error``)."""
+    try:
+        return read_regular(path, limit, what, error).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {what}") from None
