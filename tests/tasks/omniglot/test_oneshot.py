@@ -121,6 +121,13 @@ def test_not_a_runs_archive(omniglot_zips, tmp_path):
         zf.writestr("run01/class_labels.txt", "only-one-field\n")
     with pytest.raises(MamlabError, match="expected '<test image> <training image>'"):
         load_runs(bad)
+    for content, message in ((b"\xff\xfe\x00", "class_labels.txt: not UTF-8 text"),
+                             (b"\n\n", "class_labels.txt: empty; expected")):
+        with zipfile.ZipFile(bad, "w") as zf:
+            zf.writestr("run01/class_labels.txt", content)
+        with pytest.raises(MamlabError, match=message) as e:
+            load_runs(bad)
+        assert "\n" not in str(e.value)
 
 
 def test_real_runs_pixel_nearest_neighbour(real_omniglot):

@@ -92,7 +92,12 @@ def load_runs(path: str | Path, image_size: int = 28) -> list[OneShotRun]:
         for run in sorted(labels):
             prefix = labels[run][: -len("class_labels.txt")]
             pairs = []
-            for line in reader.read(labels[run]).decode().splitlines():
+            try:
+                text = reader.read(labels[run]).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MamlabError(f"{path}:{labels[run]}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                  "expected '<test image> <training image>' per line") from None
+            for line in text.splitlines():
                 fields = line.split()
                 if not fields:
                     continue
@@ -100,6 +105,9 @@ def load_runs(path: str | Path, image_size: int = 28) -> list[OneShotRun]:
                     raise MamlabError(f"{path}:{labels[run]}: expected '<test image> <training image>' "
                                       f"per line, got {line!r}")
                 pairs.append((fields[0].split("/")[-1], fields[1].split("/")[-1]))
+            if not pairs:
+                raise MamlabError(f"{path}:{labels[run]}: empty; expected '<test image> <training image>' "
+                                  "per line")
             train_files = sorted({p[1] for p in pairs} | {n.split("/")[-1] for n in reader.names
                                                            if n.startswith(prefix + "training/")})
             index = {f: i for i, f in enumerate(train_files)}
