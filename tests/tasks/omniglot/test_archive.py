@@ -80,3 +80,15 @@ def test_safe_extract_refuses_symlinks(tmp_path):
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(MamlabError, match="would land outside"):
         safe_extract(bad, tmp_path / "out")
+
+
+def test_download_edge_cases_are_one_line(omniglot_zips, tmp_path):
+    data = (omniglot_zips / "images_background.zip").read_bytes()
+    (tmp_path / "images_background.zip").write_bytes(data)
+    (tmp_path / "images_background.zip.sha256").write_text("")  # an empty record
+    with pytest.raises(MamlabError, match="an empty SHA-256 record") as e:
+        download("images_background", tmp_path, opener=_Opener(data))
+    assert "\n" not in str(e.value)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(MamlabError, match="cannot use .*a-file.* as the download folder"):
+        download("images_background", tmp_path / "a-file", opener=_Opener(data))

@@ -38,3 +38,17 @@ def test_cache_is_reused_and_keyed_by_source(omniglot_zips, tmp_path, monkeypatc
     os.utime(src, ns=(1, 1))
     load_characters(src, cache_dir=cache)
     assert len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_an_unwritable_cache_warns_and_leaves_no_temporary_file(omniglot_zips, tmp_path, monkeypatch):
+    import pytest
+    from safetensors import torch as st_torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st_torch, "save_file", disk_full)
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="could not write the Omniglot cache .*No space left"):
+        pool = load_characters(omniglot_zips / "images_evaluation.zip", cache_dir=cache)
+    assert len(pool) == EVALUATION and list(cache.iterdir()) == []

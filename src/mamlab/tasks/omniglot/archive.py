@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mamlab.errors import MamlabError, check_choice
-from mamlab.files import MIB, read_regular
+from mamlab.files import KIB, MIB, read_regular, read_regular_text
 from mamlab.tasks.omniglot.cache import default_cache_dir
 
 __all__ = [
@@ -192,7 +192,11 @@ def _verify(path: Path, archive: Archive, sha256: str | None, record: Path) -> s
     """
     got_sha, got_md5 = _hashes(path)
     recorded = record.with_name(record.name + ".sha256")
-    want = sha256 or archive.sha256 or (recorded.read_text().split()[0] if recorded.is_file() else None)
+    record_text = read_regular_text(recorded, KIB, "a SHA-256 record").split() if recorded.exists() else None
+    if record_text == []:
+        raise MamlabError(f"{recorded}: an empty SHA-256 record; it was written by an earlier download: "
+                          "remove it to accept the archive again, or pass sha256=")
+    want = sha256 or archive.sha256 or (record_text[0] if record_text else None)
     if want is not None and got_sha != want.lower():
         return f"SHA-256 {got_sha} differs from the expected {want} (recorded in {recorded.name}?)"
     if want is None and archive.md5 is not None and got_md5 != archive.md5:
@@ -221,7 +225,11 @@ def download(name: str, cache_dir: str | Path | None = None, *, sha256: str | No
     check_choice("archive", name, tuple(ARCHIVES))
     archive = ARCHIVES[name]
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where the folder should be, no permission, ...
+        raise MamlabError(f"cannot use {str(folder)!r} as the download folder: "
+                          f"{err.strerror or err}") from None
     dest = folder / f"{name}.zip"
     if not dest.is_file() or _verify(dest, archive, sha256, dest) is not None:
         fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")

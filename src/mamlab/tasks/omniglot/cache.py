@@ -70,13 +70,16 @@ def save_cache(target: Path, images: torch.Tensor, names: list[str], drawings: i
     labels = torch.arange(len(names), dtype=torch.int64).repeat_interleave(drawings)
     meta = {"names": json.dumps(names), "drawings": str(drawings), "source": source,
             "format": CACHE_FORMAT}
+    tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         os.close(fd)
         save_file({"images": images.contiguous(), "labels": labels}, tmp, metadata=meta)
         os.replace(tmp, target)  # atomic: concurrent readers see the old file or the whole new one
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - the cache is best effort: a full or read-only disk warns
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # leave no temporary file behind
         warnings.warn(f"could not write the Omniglot cache {target}: {err}", stacklevel=3)
 
 
