@@ -226,3 +226,28 @@ def test_analyze_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["analyze", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert snapshot(out) == before and not (tmp_path / "r2").exists()
+
+
+def test_a_full_disk_is_not_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit status 3 and one line when a checkpoint cannot be written; the last good one stays."""
+    import errno
+
+    from mamlab import checkpoint
+
+    real = checkpoint._write_fsynced
+    calls = {"n": 0}
+
+    def fills_up(path, data):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first checkpoint (3 files) fits, the next does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_fsynced", fills_up)
+    run = tmp_path / "run"
+    code = main(["train", "sinusoid", "--out", str(run), *SMALL, "--checkpoint-every", "5"])
+    err = capsys.readouterr().err
+    assert code == 3 and "No space left on device" in err and "previous checkpoint is intact" in err, err
+    assert err.count("\n") == 1
+    assert checkpoint.load_checkpoint(run).iteration == 0

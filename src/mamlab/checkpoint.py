@@ -51,7 +51,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
-from mamlab.errors import MamlabError
+from mamlab.errors import MamlabError, StorageError
 from mamlab.files import GIB, KIB, MIB, read_regular, read_regular_text
 from mamlab.runlog import _fsync_dir, write_bytes_atomic
 
@@ -312,7 +312,8 @@ def save_checkpoint(
         write_bytes_atomic(ckpt_root / LATEST_FILE, (name + "\n").encode())
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{final}: writing the checkpoint failed: {e}") from None
+        raise StorageError(f"{final}: writing the checkpoint failed ({e.strerror or e}); the previous "
+                           "checkpoint is intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -623,7 +624,7 @@ def save_model(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tens
     try:
         return write_bytes_atomic(path, data)
     except OSError as e:
-        raise CheckpointError(f"{path}: writing the model failed: {e}") from None
+        raise StorageError(f"{path}: writing the model failed ({e.strerror or e})") from None
 
 
 def load_model(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

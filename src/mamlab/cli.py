@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mamlab.errors import MamlabError, check_choice
+from mamlab.errors import MamlabError, StorageError, check_choice
 
 __all__ = ["main", "build_parser"]
 
@@ -317,7 +318,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 bad input, 1 failure, 130 interrupted)."""
+    """Run the command line; exit status 0 ok, 2 bad input, 1 failure, 3 disk full, 130 stopped."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -348,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"mamlab: error: {e}", file=sys.stderr)
         return 1
+    except StorageError as e:  # a full or read-only disk is not bad input
+        print(f"mamlab: error: {e}", file=sys.stderr)
+        return 3
     except DistributedError as e:  # a process of a torchrun job failed: every rank says so
         print(f"mamlab: error: {e}", file=sys.stderr)
         return 1
@@ -359,8 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mamlab: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
-        print(f"mamlab: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mamlab: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 3 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["MamlabError", "check_positive", "check_choice"]
+__all__ = ["MamlabError", "StorageError", "check_positive", "check_choice"]
 
 
 class MamlabError(ValueError):
     """A bad value from the user: the message is one line naming the value and what is allowed."""
+
+
+class StorageError(MamlabError):
+    """Writing to disk failed (full, read-only, over quota): not bad input; the CLI exits with status 3."""
 
 
 def check_positive(name: str, value: float, *, integer: bool = False, allow_zero: bool = False) -> None:
