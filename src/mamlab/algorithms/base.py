@@ -20,13 +20,14 @@ objective). How the tasks are computed (batched, vmap, loop, chunks) is the ``Ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mamlab.core.batch import TaskBatch
-from mamlab.core.execution import TaskEngine, grad_of
+from mamlab.core.execution import TaskEngine, grad_of, recomputed_step, tracks_running_stats
 from mamlab.core.losses import LossFn
 from mamlab.core.params import Params, expand_to_tasks, parameters_of
 from mamlab.errors import MamlabError, check_positive
@@ -152,13 +153,19 @@ class InnerLoopAlgorithm(MetaAlgorithm):
             second-order terms); ``.grad`` is still filled.
         inner_params: names of the parameters adapted in the inner loop (default: all trainable
             ones); the others are shared by every task and trained by the outer loop only.
+        recompute: when differentiating through the inner loop (second order), keep only each
+            step's θ_k and recompute the step's graph in backward (``RecomputedStep``): the graph
+            memory of one step plus K parameter copies instead of K steps' graphs, for about one
+            more forward-and-gradient per step. Same meta-gradient; no effect on first order or
+            ``adapt``. Dropout recomputes the same masks (the random state is restored); a model
+            whose BatchNorm updates running statistics is refused (they would be updated twice).
 
     Subclasses write ``inner_update(params, grads, step, lr)``: one step of the inner loop.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, inner_steps: int = 1,
                  first_order: bool = False, inner_params: Sequence[str] | None = None,
-                 execution: str = "auto", task_chunk: int | None = None) -> None:
+                 execution: str = "auto", task_chunk: int | None = None, recompute: bool = False) -> None:
         super().__init__(model, loss_fn, execution=execution, task_chunk=task_chunk)
         check_positive("inner_steps", inner_steps, integer=True)
         trainable = [k for k, p in model.named_parameters() if p.requires_grad]
@@ -173,6 +180,7 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
         self.inner_params = inner_params
+        self.recompute = bool(recompute)
 
     # ------------------------------------------------------------------ the update rule
     def inner_update(self, params: Params, grads: Params, step: int, lr: float | None = None) -> Params:
@@ -182,11 +190,48 @@ class InnerLoopAlgorithm(MetaAlgorithm):
     def inner_loop(self, params: Params, shared: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
                    path: str, create_graph: bool, lr: float | None = None, first_step: int = 0) -> Params:
         """``steps`` inner updates of the task-batched ``params`` on the support sets ``(x, y)``."""
+        if create_graph and self.recompute:
+            return self.recomputed_inner_loop(params, shared, x, y, steps, path, lr, first_step)
         for k in range(steps):
             with torch.enable_grad():
                 losses = self.engine.losses(params, shared, x, y, path)
                 grads = grad_of(losses.sum(), params, create_graph)
             params = self.inner_update(params, grads, first_step + k, lr)
+        return params
+
+    def recomputed_inner_loop(self, params: Params, shared: Params, x: torch.Tensor, y: torch.Tensor,
+                              steps: int, path: str, lr: float | None = None, first_step: int = 0) -> Params:
+        """``inner_loop`` with ``create_graph``, its graph recomputed in backward (``recompute``).
+
+        Two levels, as in sqrt(K) checkpointing: the K steps run in segments of ⌈√K⌉ steps, and only
+        each segment's starting θ is kept. Backward recomputes a segment step by step, keeping each
+        step's starting θ, and then each step's graph, one at a time: ~2√K parameter copies and one
+        step's graph at the peak, about two more forward-and-gradients per step than storing it.
+        """
+        if tracks_running_stats(self.model):
+            raise MamlabError("recompute=True cannot run a model whose BatchNorm updates running statistics "
+                              "in training mode (the recomputation would update them twice); build it with "
+                              "track_running_stats=False or set recompute=False")
+        model_params = {id(p) for p in self.model.parameters()}
+        extras = [p for p in self.meta_parameters() if id(p) not in model_params]
+
+        def step(k: int) -> Callable[[Params, Params, bool], Params]:
+            def run(p: Params, s: Params, create_graph: bool) -> Params:
+                grads = grad_of(self.engine.losses(p, s, x, y, path).sum(), p, create_graph)
+                return self.inner_update(p, grads, first_step + k, lr)
+            return run
+
+        def segment(ks: range) -> Callable[[Params, Params, bool], Params]:
+            def run(p: Params, s: Params, create_graph: bool) -> Params:
+                for k in ks:  # in backward (create_graph): one recomputed step at a time
+                    p = recomputed_step(step(k), p, s, extras) if create_graph else step(k)(p, s, False)
+                return p
+            return run
+
+        size = math.isqrt(steps - 1) + 1 if steps > 1 else 1  # ⌈√K⌉
+        for start in range(0, steps, size):
+            ks = range(start, min(start + size, steps))
+            params = recomputed_step(step(ks[0]) if len(ks) == 1 else segment(ks), params, shared, extras)
         return params
 
     def task_losses(self, batch: TaskBatch, path: str, steps: int | None = None,

@@ -50,6 +50,9 @@ class MAML(InnerLoopAlgorithm):
             the head, for example, gives ANIL (Raghu et al. 2020). The outer loop updates all.
         task_chunk: with ``"batched"``/``"vmap"``, how many tasks run together (default: the whole
             batch); smaller chunks trade speed for memory.
+        recompute: second order only: recompute each inner step's graph in backward instead of
+            keeping it, so graph memory barely grows with ``inner_steps`` (``InnerLoopAlgorithm``);
+            the same meta-gradient for about one more forward-and-gradient per step.
 
     BatchNorm: the model runs in whatever mode it is in. Layers built with
     ``track_running_stats=False`` (as ``mamlab.models.Conv4`` and MAML's reference code do)
@@ -61,10 +64,12 @@ class MAML(InnerLoopAlgorithm):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float, inner_steps: int = 1,
                  first_order: bool = False, execution: str = "auto",
-                 inner_params: Sequence[str] | None = None, task_chunk: int | None = None) -> None:
+                 inner_params: Sequence[str] | None = None, task_chunk: int | None = None,
+                 recompute: bool = False) -> None:
         check_positive("inner_lr", inner_lr)
         super().__init__(model, loss_fn, inner_steps=inner_steps, first_order=first_order,
-                         inner_params=inner_params, execution=execution, task_chunk=task_chunk)
+                         inner_params=inner_params, execution=execution, task_chunk=task_chunk,
+                         recompute=recompute)
         self.inner_lr = float(inner_lr)
 
     def inner_update(self, params: Params, grads: Params, step: int, lr: float | None = None) -> Params:
@@ -72,9 +77,11 @@ class MAML(InnerLoopAlgorithm):
         return sgd_step(params, grads, self.inner_lr if lr is None else lr)
 
     def options(self) -> dict[str, object]:
-        """inner_lr, inner_steps, first_order (and inner_params when not all)."""
+        """inner_lr, inner_steps, first_order (and inner_params when not all, recompute when on)."""
         out: dict[str, object] = {"inner_lr": self.inner_lr, "inner_steps": self.inner_steps,
                                   "first_order": self.first_order}
         if self.inner_params is not None:
             out["inner_params"] = list(self.inner_params)
+        if self.recompute:
+            out["recompute"] = True
         return out

@@ -33,6 +33,8 @@ __all__ = ["AlgorithmSpec", "ALGORITHMS", "register", "algorithm_spec", "build_a
 INNER_LR = Option("inner_lr", "float", 0.01, "α, the inner SGD step size", positive=True)
 INNER_STEPS = Option("inner_steps", "int", 1, "inner gradient steps per task", positive=True)
 FIRST_ORDER = Option("first_order", "bool", False, "drop second-order terms of the meta-gradient")
+RECOMPUTE = Option("recompute", "bool", False, "second order: recompute each inner step's graph in backward "
+                   "instead of storing it (graph memory ~flat in inner_steps, same meta-gradient)")
 HEAD = Option("head", "strs", None, "parameter names adapted per task (default: the last layer's)",
               nullable=True)
 LAM = Option("lam", "float", 2.0, "λ, iMAML's proximal regularisation strength", positive=True)
@@ -106,15 +108,21 @@ def build_algorithm(name: str, model: nn.Module, loss_fn: LossFn, options: Mappi
     return spec.build(model, loss_fn, execution=execution, task_chunk=task_chunk, **values)
 
 
+def _anil(model: nn.Module, loss_fn: LossFn, recompute: bool = False, **kw: Any) -> ANIL:
+    algo = ANIL(model, loss_fn, **kw)
+    algo.recompute = bool(recompute)
+    return algo
+
+
 def _fomaml(model: nn.Module, loss_fn: LossFn, **kw: Any) -> MAML:
     return MAML(model, loss_fn, first_order=True, **kw)
 
 
-register(AlgorithmSpec("maml", MAML, (INNER_LR, INNER_STEPS, FIRST_ORDER),
+register(AlgorithmSpec("maml", MAML, (INNER_LR, INNER_STEPS, FIRST_ORDER, RECOMPUTE),
                        "MAML (Finn et al. 2017), second order unless first_order", "MAML"))
 register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
                        "first-order MAML: the inner gradients are constants in the meta-gradient", "FOMAML"))
-register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD),
+register(AlgorithmSpec("anil", _anil, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD, RECOMPUTE),
                        "ANIL (Raghu et al. 2020): only the head adapts in the inner loop", "ANIL"))
 register(AlgorithmSpec("mamlpp", MAMLPlusPlus, (INNER_LR, INNER_STEPS, LSLR, MSL, MSL_EPOCHS,
                                                 ITERATIONS_PER_EPOCH, PER_STEP_BN, FIRST_ORDER_EPOCHS),

@@ -37,7 +37,8 @@ from mamlab.core.losses import LossFn, per_task_loss
 from mamlab.core.params import Params, buffers_of, forward
 from mamlab.errors import MamlabError, check_choice, check_positive
 
-__all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "vmap_unsafe", "grad_of", "PrecomputedGrad"]
+__all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "vmap_unsafe", "grad_of", "PrecomputedGrad",
+           "RecomputedStep", "recomputed_step", "tracks_running_stats"]
 
 EXECUTIONS = ("auto", "batched", "vmap", "loop")
 
@@ -111,6 +112,80 @@ class PrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # noqa: D102
         return (None, None, *[g * grad_output for g in ctx.grads])
+
+
+#: ``step(params, shared, create_graph)`` → the next params: one inner step, as ``recomputed_step`` runs it.
+StepFn = Callable[[Params, Params, bool], Params]
+
+
+class RecomputedStep(torch.autograd.Function):
+    """One inner step whose graph is not kept: backward recomputes it from the θ_k it saved.
+
+    Forward runs ``step`` without a graph (its inner gradient with ``create_graph=False``) and saves
+    only its input θ_k. Backward rebuilds the step's graph from θ_k (the inner gradient now with
+    ``create_graph=True``, so the second-order terms are there), takes the vector-Jacobian product
+    of the incoming gradient with it, and drops it. Peak memory is then the θ_k of every step plus
+    the graph of one step, instead of the graphs of all steps. The random-number state is saved and
+    restored, so a step that draws random numbers (dropout) recomputes the same ones. ``extras`` are
+    tensors the step reads by itself (an algorithm's learned step sizes): they are inputs too, so
+    they get their gradient. The backward is not itself differentiable (no third-order derivatives).
+    """
+
+    @staticmethod
+    def forward(ctx, step: StepFn, names: tuple[tuple[str, ...], tuple[str, ...]], n_extras: int,  # noqa: D102
+                *tensors: torch.Tensor):
+        param_names, shared_names = names
+        n, m = len(param_names), len(shared_names)
+        ctx.step, ctx.names = step, names
+        ctx.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.save_for_backward(*tensors[:n])
+        # θ and the extras are the same tensors at every step: referenced, not saved per step
+        ctx.shared, ctx.extras = tensors[n:n + m], tensors[n + m:]
+        with torch.enable_grad():
+            params = {k: t.detach().requires_grad_(True) for k, t in zip(param_names, tensors, strict=False)}
+            shared = {k: t.detach() for k, t in zip(shared_names, tensors[n:n + m], strict=True)}
+            out = step(params, shared, False)
+        return tuple(out[k].detach() for k in param_names)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_out: torch.Tensor):  # noqa: D102
+        param_names, shared_names = ctx.names
+        params = {k: t.detach().requires_grad_(True)
+                  for k, t in zip(param_names, ctx.saved_tensors, strict=True)}
+        shared = {k: t.detach().requires_grad_(t.requires_grad)
+                  for k, t in zip(shared_names, ctx.shared, strict=True)}
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            for d, state in zip(ctx.devices, ctx.cuda_rng, strict=True):
+                torch.cuda.set_rng_state(state, d)
+            out = ctx.step(params, shared, True)  # the step reads the extras themselves
+            pairs = [(out[k], g) for k, g in zip(param_names, grad_out, strict=True)
+                     if out[k].requires_grad and g is not None]
+            inputs = [*params.values(), *shared.values(), *ctx.extras]
+            wrt = [t for t in inputs if t.requires_grad]
+            outs, vs = [o for o, _ in pairs], [g for _, g in pairs]
+            grads = iter(torch.autograd.grad(outs, wrt, vs, allow_unused=True) if pairs and wrt else ())
+        return (None, None, None, *[next(grads, None) if t.requires_grad else None for t in inputs])
+
+
+def recomputed_step(step: StepFn, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
+                    extras: Sequence[torch.Tensor] = ()) -> Params:
+    """``step(params, shared, create_graph)`` whose graph backward recomputes (``RecomputedStep``).
+
+    ``extras``: tensors ``step`` reads by itself (not through its arguments) that need a gradient.
+    """
+    names = (tuple(params), tuple(shared))
+    out = RecomputedStep.apply(step, names, len(extras), *params.values(), *shared.values(), *extras)
+    return dict(zip(names[0], out, strict=True))
+
+
+def tracks_running_stats(model: nn.Module) -> bool:
+    """Whether a forward pass of ``model`` updates BatchNorm running statistics (training mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+               for m in model.modules())
 
 
 class TaskEngine:
