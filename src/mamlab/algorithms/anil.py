@@ -40,7 +40,8 @@ class ANIL(MAML):
     """MAML with only the head adapted per task.
 
     Args:
-        model, loss_fn, inner_lr, inner_steps, first_order, execution, task_chunk: as for ``MAML``.
+        model, loss_fn, inner_lr, inner_steps, first_order, execution, task_chunk, recompute: as for
+            ``MAML``.
         head: names of the head's parameters (default ``head_parameters(model)``: the last layer).
     """
 
@@ -48,10 +49,10 @@ class ANIL(MAML):
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float, inner_steps: int = 1,
                  first_order: bool = False, head: Sequence[str] | None = None, execution: str = "auto",
-                 task_chunk: int | None = None) -> None:
+                 task_chunk: int | None = None, recompute: bool = False) -> None:
         head = list(head) if head else head_parameters(model)
         super().__init__(model, loss_fn, inner_lr, inner_steps, first_order, execution=execution,
-                         inner_params=head, task_chunk=task_chunk)
+                         inner_params=head, task_chunk=task_chunk, recompute=recompute)
 
     def options(self) -> dict[str, object]:
         """inner_lr, inner_steps, first_order and the head's parameter names."""

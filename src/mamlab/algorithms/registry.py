@@ -108,12 +108,6 @@ def build_algorithm(name: str, model: nn.Module, loss_fn: LossFn, options: Mappi
     return spec.build(model, loss_fn, execution=execution, task_chunk=task_chunk, **values)
 
 
-def _anil(model: nn.Module, loss_fn: LossFn, recompute: bool = False, **kw: Any) -> ANIL:
-    algo = ANIL(model, loss_fn, **kw)
-    algo.recompute = bool(recompute)
-    return algo
-
-
 def _fomaml(model: nn.Module, loss_fn: LossFn, **kw: Any) -> MAML:
     return MAML(model, loss_fn, first_order=True, **kw)
 
@@ -122,7 +116,7 @@ register(AlgorithmSpec("maml", MAML, (INNER_LR, INNER_STEPS, FIRST_ORDER, RECOMP
                        "MAML (Finn et al. 2017), second order unless first_order", "MAML"))
 register(AlgorithmSpec("fomaml", _fomaml, (INNER_LR, INNER_STEPS),
                        "first-order MAML: the inner gradients are constants in the meta-gradient", "FOMAML"))
-register(AlgorithmSpec("anil", _anil, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD, RECOMPUTE),
+register(AlgorithmSpec("anil", ANIL, (INNER_LR, INNER_STEPS, FIRST_ORDER, HEAD, RECOMPUTE),
                        "ANIL (Raghu et al. 2020): only the head adapts in the inner loop", "ANIL"))
 register(AlgorithmSpec("mamlpp", MAMLPlusPlus, (INNER_LR, INNER_STEPS, LSLR, MSL, MSL_EPOCHS,
                                                 ITERATIONS_PER_EPOCH, PER_STEP_BN, FIRST_ORDER_EPOCHS),
