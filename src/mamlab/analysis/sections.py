@@ -135,6 +135,37 @@ def _mcell(m: Median, d: int, digits: int = 3) -> Median | str:
     return m if d == 0 else f"{format_value(m, digits)} ({d} diverged)"
 
 
+def _pcell(mean: Estimate, median: Median | None, d: int, d_ref: int) -> Estimate | str:
+    """A paired-difference cell: mean ± CI, or where either side diverged the paired median [CI], counts."""
+    if (d == 0 and d_ref == 0) or median is None:
+        return mean
+    return f"median {format_value(median)} ({d} and {d_ref} diverged)"
+
+
+def _paired_rows(r: dict[str, Any], ref: str, idx: Sequence[int]) -> tuple[list[list[Any]], bool]:
+    """Rows of a paired-difference table at ``idx`` of the study's lists; whether a cell is a median."""
+    L, medians = r["learners"], r.get("paired_query_loss_median", {})
+    rows, robust = [], False
+    for n, means in r["paired_query_loss"].items():
+        row: list[Any] = [n]
+        for i in idx:
+            d, d_ref = _ndiv(L[n], "query_loss", i), _ndiv(L[ref], "query_loss", i)
+            row.append(_pcell(means[i], medians[n][i] if n in medians else None, d, d_ref))
+            robust = robust or isinstance(row[-1], str)
+        rows.append(row)
+    return rows, robust
+
+
+def _paired_note(robust: bool, ref: str) -> str:
+    """The note under a paired-difference table."""
+    if not robust:
+        return "Per-task differences on identical episodes, mean ± 95% CI."
+    return ("Per-task differences on identical episodes, mean ± 95% CI; where a task diverged for either "
+            f"learner (loss not finite or above {st.DIVERGENCE_FACTOR:g}× the task's step-0 loss), the "
+            "median of the paired differences with its distribution-free 95% CI (a diverged loss counts as "
+            f"+∞), and the diverged tasks of the learner and of {ref}.")
+
+
 def _diverged_series(diverged: dict[str, Sequence[int]] | None, x: Sequence[Any]) -> str:
     """``"MAML: 71 at 10, ..."``: where tasks diverged, per series."""
     if not diverged:
@@ -367,7 +398,7 @@ def adaptation_section(
     )
     shown = sorted({0, 1, min(f, smax), smax} | {min(lr.trained_steps, smax) for lr in learners})
     rows = [[n, *(L[n]["query_loss"][s] for s in shown)] for n in L]
-    prow = [[n, *(r["paired_query_loss"][n][s] for s in shown)] for n in r["paired_query_loss"]]
+    prow, prob = _paired_rows(r, ref, shown)
     xrow = []
     for n, x in r["extrapolation"].items():
         xrow.append(
@@ -402,7 +433,7 @@ def adaptation_section(
             f"Paired difference learner − {ref} in query loss ({u})",
             ["learner", *(f"k={s}" for s in shown)],
             prow,
-            note="Per-task differences on identical episodes, mean ± 95% CI.",
+            note=_paired_note(prob, ref),
         ),
     ]
     if c.classify:
@@ -548,6 +579,7 @@ def shots_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> S
         if c.classify
         else None,
     )
+    prow, prob = _paired_rows(r, ref, range(len(shots)))
     tables = [
         Table(
             f"Query loss ({u}) after {r['steps']} steps",
@@ -562,7 +594,8 @@ def shots_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> S
         Table(
             f"Paired difference learner − {ref} ({u})",
             ["learner", *(f"K={k}" for k in shots)],
-            [[n, *v] for n, v in r["paired_query_loss"].items()],
+            prow,
+            note=_paired_note(prob, ref),
         ),
     ]
     if c.classify:
