@@ -108,3 +108,34 @@ def test_paired_difference_tables_keep_means_without_divergence(tmp_path):
     table = next(t for t in sec.tables if t.title.startswith("Paired difference"))
     assert table.rows[0][1] == r["paired_query_loss"]["pretrain"][0]
     assert table.note == "Per-task differences on identical episodes, mean ± 95% CI."
+
+
+def test_sharpness_figure_marks_two_over_alpha_and_the_protocol_names_alpha(tmp_path):
+    learners = _learners()
+    assert sc._two_over_alpha({"MAML": 0.01, "pretrain": 0.01, "Meta-SGD": None}, ["MAML", "pretrain"]) == {
+        "2/α = 200 (α = 0.01)": 200.0}
+    assert sc._two_over_alpha({"A": 0.01, "B": 0.1}, ["A", "B"]) == {
+        "2/α = 200 (α = 0.01: A)": 200.0, "2/α = 20 (α = 0.1: B)": 20.0}
+    assert sc._two_over_alpha({"Meta-SGD": None}, ["Meta-SGD"]) == {}
+    r = st.landscape(learners, _linear_tasks(wild=-1), steps=2)
+    ctx = sc.SectionContext(tmp_path, learners, learners[0].config, 10, 2)
+    assert ctx.inner_lrs == {"MAML": 0.01, "pretrain": 0.01}
+    sec = sc.landscape_section(ctx, r, [])
+    assert "Dashed: 2/α" in sec.figures[0].caption
+    protocol = {"tasks": 10, "seed": 3, "steps": 5, "fixed_steps": 2, "shots": 5, "queries": 7,
+                "task": "sinusoid", "studies": ["landscape"], "reference": "MAML", "confidence": 0.95}
+    runs = [{"path": "runs/m", "algorithm": "maml", "iterations": 30, "inner_lr": 0.01, "inner_steps": 1,
+             "algorithm_options": {"inner_lr": 0.01, "inner_steps": 1}},
+            {"path": "runs/s", "algorithm": "metasgd", "iterations": 20, "inner_lr": None, "inner_steps": 1,
+             "algorithm_options": {}}]
+    learned = [{"name": "MAML", "kind": "maml", "inner_lr": 0.01, "inner_params": None},
+               {"name": "Meta-SGD", "kind": "metasgd", "inner_lr": None, "inner_params": ["2.weight"]}]
+    sec = sc.protocol_section(protocol, runs, learned)
+    settings = dict(sec.tables[0].rows)
+    assert settings["support set (K)"] == "5 examples" and settings["query set"] == "7 examples"
+    assert settings["evaluation seed"] == 3 and settings["held-out tasks"] == 10
+    assert settings["inner step size α"] == "MAML: 0.01; Meta-SGD: learned step sizes"
+    assert [list(row) for row in sec.tables[1].rows] == [
+        ["runs/m", "maml", 30, "0.01", 1, "inner_lr=0.01, inner_steps=1"],
+        ["runs/s", "metasgd", 20, "learned step sizes", 1, "defaults"]]
+    assert sec.tables[2].rows[1][-1] == "2.weight"
