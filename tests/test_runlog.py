@@ -166,3 +166,33 @@ def test_metadata_names_mamlab_s_own_revision(tmp_path, monkeypatch) -> None:
     meta = run_metadata()
     assert {"git_revision", "git_dirty"} <= set(meta)
     assert "node" not in " ".join(meta) and all("host" not in k for k in meta)
+
+
+def test_hyperparameters_go_to_the_hparams_and_text_tabs_of_the_run_itself(tmp_path):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from mamlab.runlog import flatten_hparams
+
+    options = {"task": "sinusoid", "run": {"meta_lr": 0.001, "task_chunk": None, "deterministic": True},
+               "task_options": {"hidden": [8, 8]}}
+    flat = flatten_hparams(options)
+    assert flat == {"task": "sinusoid", "run/meta_lr": 0.001, "run/task_chunk": "None",
+                    "run/deterministic": "True", "task_options/hidden": "[8, 8]"}
+    with RunLogger(tmp_path, hparams=options, hparam_metrics=("loss",)) as log:
+        log.log(1, loss=0.5)
+    with RunLogger(tmp_path, resume_from_iteration=1, hparams=options) as log:
+        log.log(2, loss=0.25)
+    assert [p.parent.name for p in (tmp_path / "tensorboard").rglob("events.out.tfevents.*")] == \
+        ["tensorboard"] * 2  # no separate run directory beside it (as SummaryWriter.add_hparams makes)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["run/meta_lr"].number_value == 0.001
+    assert start.session_start_info.hparams["task_options/hidden"].string_value == "[8, 8]"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {h.name for h in experiment.hparam_infos} == set(flat)
+    texts = acc.Tensors("config/text_summary")
+    assert [t.step for t in texts] == [0, 1]  # a resumed run states its config at the resume point
+    assert "| run/meta_lr | 0.001 |" in texts[0].tensor_proto.string_val[0].decode()
+    assert [s for s, _ in tb_scalars(tmp_path)["loss"]] == [1, 2]

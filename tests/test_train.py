@@ -227,6 +227,39 @@ def test_plain_sgd_as_the_outer_optimizer_steps_by_the_meta_gradient(tmp_path: P
         torch.testing.assert_close(trained.detach(), p0 - 0.5 * p.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_metrics_log_the_iteration_time_and_the_meta_gradient_norm(tmp_path: Path) -> None:
+    """Every line has ``seconds`` and ``grad_norm`` (the L2 norm of the meta-gradient the optimizer steps by);
+    TensorBoard gets them and the run's flattened config (HParams and Text tabs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from mamlab.experiments import build_family
+    from mamlab.train import TRAIN_SEED_OFFSET, build_run_algorithm
+
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 3})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3]
+    assert all(m["seconds"] > 0 and math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)
+    torch.manual_seed(config.seed)
+    fresh = build_run_algorithm(config)
+    batch = build_family(config, "train").sample(config.meta_batch, config.shots, config.queries,
+                                                 torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed))
+    fresh.meta_loss(batch).backward()
+    expected = math.sqrt(sum(float(p.grad.double().square().sum()) for p in fresh.parameters()))
+    assert metrics[0]["grad_norm"] == pytest.approx(expected, rel=1e-5)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert {"seconds", "grad_norm", "meta_loss"} <= set(acc.Tags()["scalars"])
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["run/meta_lr"].number_value == config.meta_lr
+    assert start.hparams["algorithm_options/inner_lr"].number_value == 0.01
+    assert start.hparams["task"].string_value == "sinusoid"
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| run/meta_batch | 4 |" in text and "| task_options/hidden | [8, 8] |" in text
+
+
 def test_one_writer_per_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A second writer gets a one-line error naming the process; the OS frees the lock when it dies."""
     from mamlab.cli import main

@@ -3,7 +3,8 @@
 On-disk layout of a run directory (``RUN``)::
 
     RUN/metrics.jsonl     one JSON object per ``RunLogger.log`` call: {"iteration": k, name: value, ...}
-    RUN/tensorboard/      TensorBoard event files with the same scalars, step = iteration
+    RUN/tensorboard/      TensorBoard event files with the same scalars, step = iteration, and the
+                          run's hyperparameters (``hparams=``: HParams tab, and a table in the Text tab)
 
 ``metrics.jsonl`` is the source of truth: each line is written in one call and flushed, so a
 killed process loses at most the line it was writing, and ``read_metrics`` skips a truncated
@@ -30,6 +31,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,6 +45,7 @@ __all__ = [
     "LOCK_FILE",
     "RunLock",
     "check_replaceable",
+    "flatten_hparams",
     "is_mamlab_run",
     "RunLogger",
     "RunLogError",
@@ -251,6 +254,24 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return _parse_lines(path, data)[0]
 
 
+def flatten_hparams(options: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"meta_lr": 0.001}, "task": "sinusoid"}`` → ``{"run/meta_lr": 0.001, "task": "sinusoid"}``.
+
+    Numbers and strings stay as they are; booleans, None, lists and anything else become text
+    (TensorBoard's HParams tab takes numbers, strings and booleans only).
+    """
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, name + "/"))
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
 def _scalar(value: Any) -> float | None:
     """``value`` as a float for TensorBoard, or None if it is not a real scalar."""
     if isinstance(value, torch.Tensor):
@@ -280,6 +301,11 @@ class RunLogger:
             discard steps > k. Without it, an existing file is appended to, after removing a
             last line cut short by a crash.
         flush_secs: how often TensorBoard flushes to disk (``metrics.jsonl`` flushes every line).
+        hparams: the run's hyperparameters (e.g. ``TrainConfig.to_dict()``), written once to
+            TensorBoard: nested dicts are flattened to ``"run/meta_lr"``-style names, lists and
+            None become text; they show in the HParams tab and as a table (tag ``config``) in the
+            Text tab, at step ``resume_from_iteration`` (0 for a new run).
+        hparam_metrics: scalar tags the HParams tab shows next to the hyperparameters.
 
     Example:
         >>> with RunLogger(run_dir, resume_from_iteration=ckpt.iteration) as log:
@@ -293,6 +319,8 @@ class RunLogger:
         *,
         resume_from_iteration: int | None = None,
         flush_secs: int = 10,
+        hparams: Mapping[str, Any] | None = None,
+        hparam_metrics: Sequence[str] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
@@ -311,6 +339,21 @@ class RunLogger:
             self._writer = SummaryWriter(
                 log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=flush_secs
             )
+            if hparams:
+                self._write_hparams(flatten_hparams(hparams), hparam_metrics, resume_from_iteration or 0)
+
+    def _write_hparams(self, flat: dict[str, Any], metrics: Sequence[str], step: int) -> None:
+        """The hyperparameters into this run's own event file: HParams tab, and a table in the Text tab."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        assert self._writer is not None
+        writer = self._writer._get_file_writer()
+        # written into the run's own directory (add_hparams would start a separate run beside it)
+        for summary in hparams_summaries(flat, {m: 0.0 for m in metrics}):
+            writer.add_summary(summary, step)
+        rows = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
+        self._writer.add_text("config", "| option | value |\n|---|---|\n" + rows, step)
+        self._writer.flush()
 
     def _repair(self, resume_from_iteration: int | None) -> None:
         """Cut a crash-truncated last line and, when resuming, the lines past the resume point."""

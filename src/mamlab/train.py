@@ -369,12 +369,14 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
     last: dict[str, Any] = {}
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist.is_main), unit="it",
                dynamic_ncols=True, desc=f"{config.algorithm} {config.task}")
-    logger = RunLogger(out_dir, resume_from_iteration=start if resume else None) if dist.is_main else _NoLog()
+    logger = RunLogger(out_dir, resume_from_iteration=start if resume else None, hparams=config.to_dict(),
+                       hparam_metrics=("meta_loss", "val_loss")) if dist.is_main else _NoLog()
     with logger as log, _StopSignals() as stop:
         if start == 0 and dist.is_main and not (out_dir / "checkpoints").exists():
             checkpoint(0, {})
         t0 = time.perf_counter()
         for it in range(start + 1, config.iterations + 1):
+            t_it = time.perf_counter()
             batch = family.sample(config.meta_batch, config.shots, config.queries, tasks)
             algorithm.start_iteration(it, config.iterations)
             optimizer.zero_grad(set_to_none=True)
@@ -386,6 +388,9 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             value, stopping = dist.all_reduce_gradients(
                 algorithm.parameters(), weight, [weight * float(loss.detach()), float(bool(stop.received))])
             stop_now = stopping > 0
+            # logged: the global L2 norm of the all-reduced meta-gradient, before the optimizer's step
+            norms = [p.grad.detach().norm() for p in algorithm.parameters() if p.grad is not None]
+            grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
             if not math.isfinite(value) or not _finite_grads(algorithm):
                 if not config.skip_nonfinite:
                     bar.close()
@@ -397,18 +402,20 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                         "to skip such meta-batches"
                     )
                 skipped += 1
-                log.log(it, meta_loss=value, skipped=skipped)
+                log.log(it, meta_loss=value, skipped=skipped, grad_norm=grad_norm,
+                        seconds=time.perf_counter() - t_it)
                 bar.update(1)
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = meta_lr_at(config, it)
             optimizer.step()
-            last = {"meta_loss": value, "skipped": skipped}
+            last = {"meta_loss": value, "skipped": skipped, "grad_norm": grad_norm}
             if config.lr_schedule != "constant":
                 last["meta_lr"] = optimizer.param_groups[0]["lr"]
             if dist.is_main and (it % config.val_every == 0 or it == config.iterations):
                 with precision_context(config.precision, device):
                     last.update(validate())
+            last["seconds"] = time.perf_counter() - t_it  # the iteration's wall time, validation included
             log.log(it, **last)
             bar.update(1)
             if it % 50 == 0 or it == config.iterations:

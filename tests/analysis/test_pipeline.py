@@ -96,6 +96,21 @@ def test_end_to_end_report(full_report):
     assert any(f"{q['mean']:.3f} ± {q['ci']:.3f}" in line for line in data["summary"])
     assert any("paired difference pretrain − MAML" in line for line in data["summary"])
     assert not list(out.parent.glob(".report.*"))  # no temporary folders left behind
+    # the protocol comes first: episode sizes, α, steps, seed, tasks, and every run analysed
+    protocol = data["sections"][0]
+    assert protocol["title"] == "Protocol"
+    settings = {row[0]: row[1] for row in protocol["tables"][0]["rows"]}
+    assert settings["support set (K)"] == "10 examples" and settings["query set"] == "10 examples"
+    assert settings["held-out tasks"] == 20 and settings["evaluation seed"] == 0
+    assert settings["inner steps"] == "up to 3 (adaptation curves); 3 (the other studies)"
+    assert "MAML: 0.01" in settings["inner step size α"]
+    run_rows = protocol["tables"][1]["rows"]
+    assert [(row[0], row[1], row[2]) for row in run_rows] == [
+        (str(r["path"]), r["algorithm"], 30) for r in res["runs"]]
+    assert "inner_lr=0.01" in run_rows[0][-1]
+    assert page.index(">Protocol<") < page.index(">Adaptation curves<")
+    sharpness = next(f for sec in data["sections"] for f in sec["figures"] if "landscape_sharpness" in f["file"])
+    assert "Dashed: 2/α" in sharpness["caption"]
 
 
 def test_existing_report_is_refused_then_replaced_with_force(runs, tmp_path):

@@ -73,3 +73,69 @@ def test_cost_and_skipped_sections():
     assert skipped.title == sc.TITLES["shift"] == "Distribution shift"
     assert skipped.text == ["no distribution shift is defined for task 'linear-regression'."]
     assert set(sc.TITLES) == set(st.STUDIES)
+
+
+def test_paired_difference_tables_use_medians_where_tasks_diverged(tmp_path):
+    """A diverged task makes the mean paired difference huge; the tables quote the paired median instead."""
+    learners, full = _learners(), _linear_tasks()
+    two = TaskBatch(full.support_x[:, :2], full.support_y[:, :2], full.query_x, full.query_y)
+    r = st.shot_sweep(learners, {2: two, 5: full}, steps=5)
+    assert r["learners"]["MAML"]["query_loss_diverged"] == [1, 1]
+    assert abs(r["paired_query_loss"]["pretrain"][1].mean) > 1e3  # the mean: ruled by the diverged task
+    ctx = sc.SectionContext(tmp_path, learners, learners[0].config, full.num_tasks, 5)
+    sec = sc.shots_section(ctx, r, [])
+    table = next(t for t in sec.tables if t.title.startswith("Paired difference"))
+    cells = table.rows[0][1:]
+    d = r["learners"]["pretrain"]["query_loss_diverged"]
+    for k, cell in enumerate(cells):
+        m = r["paired_query_loss_median"]["pretrain"][k]
+        assert isinstance(cell, str) and cell.startswith("median ") and f"({d[k]} and 1 diverged)" in cell
+        assert abs(m.median) < 1.0 and sc.format_value(m) in cell
+    assert "median of the paired differences" in table.note
+    ra = st.adaptation_curves(learners, full, steps=5)
+    sec = sc.adaptation_section(ctx, ra, learners, [])
+    table = next(t for t in sec.tables if t.title.startswith("Paired difference"))
+    assert not isinstance(table.rows[0][1], str)  # k=0: nothing diverged yet, the mean ± CI
+    assert isinstance(table.rows[0][-1], str) and "diverged)" in table.rows[0][-1]
+
+
+def test_paired_difference_tables_keep_means_without_divergence(tmp_path):
+    learners, batch = _learners(), _linear_tasks(wild=-1)
+    batch.support_x[-1] = 0.5
+    batch.query_x[-1] = 0.5
+    r = st.shot_sweep(learners, {5: batch}, steps=5)
+    sec = sc.shots_section(sc.SectionContext(tmp_path, learners, learners[0].config, 10, 5), r, [])
+    table = next(t for t in sec.tables if t.title.startswith("Paired difference"))
+    assert table.rows[0][1] == r["paired_query_loss"]["pretrain"][0]
+    assert table.note == "Per-task differences on identical episodes, mean ± 95% CI."
+
+
+def test_sharpness_figure_marks_two_over_alpha_and_the_protocol_names_alpha(tmp_path):
+    learners = _learners()
+    assert sc._two_over_alpha({"MAML": 0.01, "pretrain": 0.01, "Meta-SGD": None}, ["MAML", "pretrain"]) == {
+        "2/α = 200 (α = 0.01)": 200.0}
+    assert sc._two_over_alpha({"A": 0.01, "B": 0.1}, ["A", "B"]) == {
+        "2/α = 200 (α = 0.01: A)": 200.0, "2/α = 20 (α = 0.1: B)": 20.0}
+    assert sc._two_over_alpha({"Meta-SGD": None}, ["Meta-SGD"]) == {}
+    r = st.landscape(learners, _linear_tasks(wild=-1), steps=2)
+    ctx = sc.SectionContext(tmp_path, learners, learners[0].config, 10, 2)
+    assert ctx.inner_lrs == {"MAML": 0.01, "pretrain": 0.01}
+    sec = sc.landscape_section(ctx, r, [])
+    assert "Dashed: 2/α" in sec.figures[0].caption
+    protocol = {"tasks": 10, "seed": 3, "steps": 5, "fixed_steps": 2, "shots": 5, "queries": 7,
+                "task": "sinusoid", "studies": ["landscape"], "reference": "MAML", "confidence": 0.95}
+    runs = [{"path": "runs/m", "algorithm": "maml", "iterations": 30, "inner_lr": 0.01, "inner_steps": 1,
+             "algorithm_options": {"inner_lr": 0.01, "inner_steps": 1}},
+            {"path": "runs/s", "algorithm": "metasgd", "iterations": 20, "inner_lr": None, "inner_steps": 1,
+             "algorithm_options": {}}]
+    learned = [{"name": "MAML", "kind": "maml", "inner_lr": 0.01, "inner_params": None},
+               {"name": "Meta-SGD", "kind": "metasgd", "inner_lr": None, "inner_params": ["2.weight"]}]
+    sec = sc.protocol_section(protocol, runs, learned)
+    settings = dict(sec.tables[0].rows)
+    assert settings["support set (K)"] == "5 examples" and settings["query set"] == "7 examples"
+    assert settings["evaluation seed"] == 3 and settings["held-out tasks"] == 10
+    assert settings["inner step size α"] == "MAML: 0.01; Meta-SGD: learned step sizes"
+    assert [list(row) for row in sec.tables[1].rows] == [
+        ["runs/m", "maml", 30, "0.01", 1, "inner_lr=0.01, inner_steps=1"],
+        ["runs/s", "metasgd", 20, "learned step sizes", 1, "defaults"]]
+    assert sec.tables[2].rows[1][-1] == "2.weight"

@@ -125,6 +125,37 @@ def test_figures_are_labelled_pngs(tmp_path):
     assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 500
 
 
+def _drawn(monkeypatch) -> list:
+    """The matplotlib figures the plot functions save, in order."""
+    from mamlab.report import plots
+
+    figs, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figs.append(fig), save(fig, path))[1])
+    return figs
+
+
+def test_step_axes_have_integer_ticks(tmp_path, monkeypatch):
+    figs = _drawn(monkeypatch)
+    for integer_x in (False, True):
+        line_plot_ci(tmp_path / f"{integer_x}.png", [0, 1, 2, 3], {"a": ([1.0, 0.5, 0.3, 0.2], [0.1] * 4)},
+                     xlabel="inner SGD steps", ylabel="loss", title="t", integer_x=integer_x)
+    default, integer = (f.axes[0].get_xticks() for f in figs)
+    assert any(t != round(t) for t in default)  # matplotlib's own choice: half steps
+    assert all(t == round(t) for t in integer) and len(integer) >= 4
+
+
+def test_bar_chart_marks_reference_lines_in_the_legend(tmp_path, monkeypatch):
+    figs = _drawn(monkeypatch)
+    layer_bar_chart(tmp_path / "s.png", ["MAML", "ANIL"], {"support": [12.0, 3.0]}, ylabel="eigenvalue",
+                    title="t", ylim=None, hlines={"2/α = 200 (α = 0.01)": 200.0})
+    ax = figs[0].axes[0]
+    assert [(line.get_label(), line.get_ydata()[0]) for line in ax.lines] == [("2/α = 200 (α = 0.01)", 200.0)]
+    assert "2/α = 200 (α = 0.01)" in [t.get_text() for t in figs[0].legends[0].get_texts()]
+    with pytest.raises(MamlabError, match="hlines"):
+        layer_bar_chart(tmp_path / "x.png", ["a"], {"s": [1.0]}, ylabel="y", title="t",
+                        hlines={"2/α": float("inf")})
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda p: line_plot_ci(p / "x.png", [1, 2], {}, xlabel="x", ylabel="y", title="t"), "series is empty"),
     (lambda p: line_plot_ci(p / "x.png", [1, 2], {"a": ([1.0], [0.1])}, xlabel="x", ylabel="y", title="t"),

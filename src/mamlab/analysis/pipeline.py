@@ -47,6 +47,7 @@ from mamlab.analysis.sections import (
     cost_section,
     generalization_section,
     landscape_section,
+    protocol_section,
     representation_section,
     shift_section,
     shots_section,
@@ -377,6 +378,8 @@ def analyze_runs(
         title = (
             f"Generalization analysis: {', '.join(lr.name for lr in learners[: len(loaded)])} on {cfg.task}"
         )
+        sections.insert(0, protocol_section(payload["protocol"], payload["runs"], payload["learners"],
+                                            ctx.classify))
         write_report(tmp, title, summary, sections, payload)
         _swap_into_place(tmp, out)
     except BaseException:

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ __all__ = [
     "representation_section",
     "landscape_section",
     "cost_section",
+    "protocol_section",
     "skipped_section",
 ]
 
@@ -135,6 +137,37 @@ def _mcell(m: Median, d: int, digits: int = 3) -> Median | str:
     return m if d == 0 else f"{format_value(m, digits)} ({d} diverged)"
 
 
+def _pcell(mean: Estimate, median: Median | None, d: int, d_ref: int) -> Estimate | str:
+    """A paired-difference cell: mean ± CI, or where either side diverged the paired median [CI], counts."""
+    if (d == 0 and d_ref == 0) or median is None:
+        return mean
+    return f"median {format_value(median)} ({d} and {d_ref} diverged)"
+
+
+def _paired_rows(r: dict[str, Any], ref: str, idx: Sequence[int]) -> tuple[list[list[Any]], bool]:
+    """Rows of a paired-difference table at ``idx`` of the study's lists; whether a cell is a median."""
+    L, medians = r["learners"], r.get("paired_query_loss_median", {})
+    rows, robust = [], False
+    for n, means in r["paired_query_loss"].items():
+        row: list[Any] = [n]
+        for i in idx:
+            d, d_ref = _ndiv(L[n], "query_loss", i), _ndiv(L[ref], "query_loss", i)
+            row.append(_pcell(means[i], medians[n][i] if n in medians else None, d, d_ref))
+            robust = robust or isinstance(row[-1], str)
+        rows.append(row)
+    return rows, robust
+
+
+def _paired_note(robust: bool, ref: str) -> str:
+    """The note under a paired-difference table."""
+    if not robust:
+        return "Per-task differences on identical episodes, mean ± 95% CI."
+    return ("Per-task differences on identical episodes, mean ± 95% CI; where a task diverged for either "
+            f"learner (loss not finite or above {st.DIVERGENCE_FACTOR:g}× the task's step-0 loss), the "
+            "median of the paired differences with its distribution-free 95% CI (a diverged loss counts as "
+            f"+∞), and the diverged tasks of the learner and of {ref}.")
+
+
 def _diverged_series(diverged: dict[str, Sequence[int]] | None, x: Sequence[Any]) -> str:
     """``"MAML: 71 at 10, ..."``: where tasks diverged, per series."""
     if not diverged:
@@ -162,6 +195,28 @@ def _neg(e: Estimate | Median) -> Estimate | Median:
     return Estimate(-e.mean, e.ci, e.n, e.confidence)
 
 
+def _single_lr(learner: st.Learner) -> float | None:
+    """The learner's inner step size α where it has a single positive one, else None (e.g. learned ones)."""
+    try:
+        lr = learner.inner_lr
+    except (TypeError, ValueError, RuntimeError):  # e.g. a step size per parameter
+        return None
+    return lr if lr is not None and math.isfinite(lr) and lr > 0 else None
+
+
+def _two_over_alpha(inner_lrs: dict[str, float | None], names: Sequence[str]) -> dict[str, float]:
+    """Legend label → 2/α for each distinct single α among ``names`` (GD on a quadratic is stable below)."""
+    by_lr: dict[float, list[str]] = {}
+    for n in names:
+        lr = inner_lrs.get(n)
+        if lr is not None:
+            by_lr.setdefault(lr, []).append(n)
+    if len(by_lr) == 1:
+        (lr, _), = by_lr.items()
+        return {f"2/α = {2 / lr:g} (α = {lr:g})": 2 / lr}
+    return {f"2/α = {2 / lr:g} (α = {lr:g}: {', '.join(ns)})": 2 / lr for lr, ns in by_lr.items()}
+
+
 class SectionContext:
     """What every study section needs: the folder, colours, units, protocol.
 
@@ -181,6 +236,7 @@ class SectionContext:
         self.classify = is_classification(config)
         self.unit = "cross-entropy" if self.classify else "MSE"
         self.task = config.task
+        self.inner_lrs = {lr.name: _single_lr(lr) for lr in learners}
 
     def line(
         self,
@@ -240,6 +296,8 @@ class SectionContext:
             colors=colors,
             logx=logx,
             logy=logy,
+            integer_x=not logx and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                       for v in x),
         )
         if logy:
             caption += " Logarithmic y axis."
@@ -259,6 +317,7 @@ class SectionContext:
         caption: str,
         ylim: tuple[float, float] | None = None,
         xlabel: str = "layer",
+        hlines: dict[str, float] | None = None,
     ) -> Figure | None:
         """Draw ``name``.png: grouped bars with 95% CI error bars.
 
@@ -266,7 +325,7 @@ class SectionContext:
             name: the PNG's file name without suffix.
             groups: the bar groups (layers or learners).
             values: per bar colour (learner or condition), one ``Estimate`` per group.
-            ylabel, title, ylim, xlabel: as ``report.plots.layer_bar_chart``.
+            ylabel, title, ylim, xlabel, hlines: as ``report.plots.layer_bar_chart``.
             caption: the figure's caption.
 
         Returns:
@@ -288,6 +347,7 @@ class SectionContext:
             ylim=ylim,
             xlabel=xlabel,
             tick_rotation=20.0 if max(len(g) for g in groups) > 8 else 0.0,
+            hlines=hlines,
         )
         return Figure(path, caption)
 
@@ -367,7 +427,7 @@ def adaptation_section(
     )
     shown = sorted({0, 1, min(f, smax), smax} | {min(lr.trained_steps, smax) for lr in learners})
     rows = [[n, *(L[n]["query_loss"][s] for s in shown)] for n in L]
-    prow = [[n, *(r["paired_query_loss"][n][s] for s in shown)] for n in r["paired_query_loss"]]
+    prow, prob = _paired_rows(r, ref, shown)
     xrow = []
     for n, x in r["extrapolation"].items():
         xrow.append(
@@ -402,7 +462,7 @@ def adaptation_section(
             f"Paired difference learner − {ref} in query loss ({u})",
             ["learner", *(f"k={s}" for s in shown)],
             prow,
-            note="Per-task differences on identical episodes, mean ± 95% CI.",
+            note=_paired_note(prob, ref),
         ),
     ]
     if c.classify:
@@ -548,6 +608,7 @@ def shots_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> S
         if c.classify
         else None,
     )
+    prow, prob = _paired_rows(r, ref, range(len(shots)))
     tables = [
         Table(
             f"Query loss ({u}) after {r['steps']} steps",
@@ -562,7 +623,8 @@ def shots_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> S
         Table(
             f"Paired difference learner − {ref} ({u})",
             ["learner", *(f"K={k}" for k in shots)],
-            [[n, *v] for n, v in r["paired_query_loss"].items()],
+            prow,
+            note=_paired_note(prob, ref),
         ),
     ]
     if c.classify:
@@ -966,6 +1028,7 @@ def landscape_section(c: SectionContext, r: dict[str, Any], summary: list[str]) 
         The section: explanatory text, figures, tables.
     """
     L, names = r["learners"], list(r["learners"])
+    lines = _two_over_alpha(c.inner_lrs, names)
     figs = _figs(
         c.bars(
             "landscape_sharpness",
@@ -980,7 +1043,10 @@ def landscape_section(c: SectionContext, r: dict[str, Any], summary: list[str]) 
             ylabel="top Hessian eigenvalue",
             title=f"Sharpness ({r['tasks']} tasks)",
             caption="Largest Hessian eigenvalue (power iteration on Hessian-vector products) of each task's "
-            "loss w.r.t. the adapted parameters; error bars: 95% CI over tasks.",
+            "loss w.r.t. the adapted parameters; error bars: 95% CI over tasks."
+            + (" Dashed: 2/α, above which an inner gradient step of size α overshoots along the top "
+               "eigenvector (learners with learned step sizes have no single α)." if lines else ""),
+            hlines=lines,
         ),
         c.line(
             "landscape_grad_norm",
@@ -1026,6 +1092,67 @@ def landscape_section(c: SectionContext, r: dict[str, Any], summary: list[str]) 
         [f"Curvature and gradients over the first {r['tasks']} held-out tasks, {r['steps']} inner steps."],
         figs,
         tables,
+    )
+
+
+def _alpha_text(lr: Any) -> str:
+    """α as text, or ``"learned step sizes"`` where the learner has no single one."""
+    try:
+        return "learned step sizes" if lr is None else f"{float(lr):g}"
+    except (TypeError, ValueError, RuntimeError):
+        return "learned step sizes"
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def protocol_section(protocol: dict[str, Any], runs: Sequence[dict[str, Any]],
+                     learners: Sequence[dict[str, Any]], classify: bool = False) -> Section:
+    """What was measured and on which runs: episode sizes, α, steps, seed, tasks, and every run analysed.
+
+    Args:
+        protocol: ``results.json``'s ``"protocol"`` (tasks, seed, steps, fixed_steps, shots, queries,
+            task, studies, reference, confidence).
+        runs: ``results.json``'s ``"runs"``: per run its path, algorithm, options, iteration, inner_lr.
+        learners: ``results.json``'s ``"learners"``: every learner compared, derived ones included.
+        classify: classification tasks (the sizes are per class).
+
+    Returns:
+        The section: a paragraph and two tables (the protocol, the runs and learners).
+    """
+    per = " per class" if classify else ""
+    steps, fixed = protocol["steps"], protocol["fixed_steps"]
+    rows: list[list[Any]] = [
+        ["task family", protocol["task"]],
+        ["support set (K)", f"{protocol['shots']} examples{per}"],
+        ["query set", f"{protocol['queries']} examples{per}"],
+        ["held-out tasks", protocol["tasks"]],
+        ["evaluation seed", protocol["seed"]],
+        ["inner steps", f"up to {steps} (adaptation curves); {fixed} (the other studies)"],
+        ["inner step size α", "; ".join(f"{lr['name']}: {_alpha_text(lr['inner_lr'])}" for lr in learners)],
+        ["reference of paired differences", protocol["reference"]],
+        ["confidence", f"{protocol['confidence']:.0%} intervals"],
+        ["studies", ", ".join(protocol["studies"])],
+    ]
+    run_rows = [[r["path"], r["algorithm"], r["iterations"], _alpha_text(r["inner_lr"]), r["inner_steps"],
+                 _options_text(r["algorithm_options"])] for r in runs]
+    return Section(
+        "Protocol",
+        [f"Every learner is scored on the same {protocol['tasks']} held-out tasks (evaluation seed "
+         f"{protocol['seed']}), each with {protocol['shots']} support and {protocol['queries']} query "
+         f"examples{per}; the differences to {protocol['reference']} are paired over these tasks. "
+         "Runs analysed and the learners derived from them are listed below."],
+        tables=[
+            Table("Protocol", ["setting", "value"], rows),
+            Table("Runs analysed", ["run", "algorithm", "iteration", "α", "inner steps", "options"], run_rows,
+                  note="iteration: the checkpoint (or final model) analysed; α: the inner step size, "
+                  "or learned step sizes where the algorithm has no single one."),
+            Table("Learners compared", ["learner", "kind", "α", "adapted parameters"],
+                  [[lr["name"], lr["kind"], _alpha_text(lr["inner_lr"]),
+                    "all" if lr["inner_params"] is None else ", ".join(lr["inner_params"])]
+                   for lr in learners]),
+        ],
     )
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mamlab.errors import MamlabError
 
@@ -92,7 +93,7 @@ def _finite_array(name: str, values: Sequence[float], length: int | None = None)
 def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curve],
                  *, xlabel: str, ylabel: str, title: str, xunit: str | None = None,
                  yunit: str | None = None, colors: Mapping[str, str] | None = None,
-                 logx: bool = False, logy: bool = False) -> Path:
+                 logx: bool = False, logy: bool = False, integer_x: bool = False) -> Path:
     """Mean curves with shaded confidence bands, one per method, e.g. loss against inner steps.
 
     Args:
@@ -104,6 +105,7 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
             parentheses, e.g. ``ylabel="query loss", yunit="MSE"``.
         colors: method → colour (default: ``method_colors`` of the methods shown).
         logx, logy: logarithmic axes.
+        integer_x: ticks on the x axis at integers only (steps, iterations).
 
     Returns:
         The PNG's path.
@@ -141,6 +143,8 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(_label(xlabel, xunit))
     ax.set_ylabel(_label(ylabel, yunit))
     ax.set_title(title)
@@ -204,7 +208,8 @@ def _pair(value: object) -> MeanCI:
 def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str, Sequence[float]], *,
                     ylabel: str, title: str, errors: Mapping[str, Sequence[float]] | None = None,
                     colors: Mapping[str, str] | None = None, ylim: tuple[float, float] | None = (0.0, 1.05),
-                    xlabel: str = "layer", tick_rotation: float = 0.0) -> Path:
+                    xlabel: str = "layer", tick_rotation: float = 0.0,
+                    hlines: Mapping[str, float] | None = None) -> Path:
     """Grouped bars of a per-layer quantity (e.g. CKA before vs after adaptation) for each method.
 
     Args:
@@ -217,6 +222,7 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         ylim: y range (default ``(0, 1.05)``, for similarities); ``None`` lets matplotlib pick.
         xlabel: the x axis label (default ``"layer"``; e.g. ``"learner"`` when groups are methods).
         tick_rotation: degrees to rotate the group labels by (for long names).
+        hlines: label → y: dashed horizontal reference lines, named in the legend (e.g. ``"2/α = 200"``).
 
     Returns:
         The PNG's path.
@@ -237,6 +243,10 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
             err = _finite_array(f"errors[{name!r}]", errors[name], len(layers))
         ax.bar(pos + (i - (len(names) - 1) / 2) * width, vals, width=width * 0.95, yerr=err,
                capsize=3, color=cmap[name], label=name, error_kw={"elinewidth": 1.0, "ecolor": "#333333"})
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        if not math.isfinite(y):
+            raise MamlabError(f"hlines[{label!r}] must be a finite number, got {y!r}")
+        ax.axhline(y, color="#444444", linestyle=("--", ":", "-.")[i % 3], linewidth=1.2, label=label)
     ax.set_xticks(pos, list(layers))
     if tick_rotation:
         ax.tick_params(axis="x", labelrotation=tick_rotation)
@@ -249,6 +259,6 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         if not (len(ylim) == 2 and all(math.isfinite(v) for v in ylim) and ylim[0] < ylim[1]):
             raise MamlabError(f"ylim must be (low, high) with low < high, got {ylim!r}")
         ax.set_ylim(*ylim)
-    if len(names) > 1 or errors:
+    if len(names) > 1 or errors or hlines:
         fig.legend(frameon=False, loc="outside right upper")
     return _save(fig, path)
