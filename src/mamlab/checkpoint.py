@@ -58,6 +58,7 @@ from mamlab.runlog import _fsync_dir, write_bytes_atomic
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "FORMAT_VERSION",
     "save_checkpoint",
     "load_checkpoint",
@@ -85,6 +86,10 @@ _NAME = re.compile(r"^iter_(\d+)$")
 
 class CheckpointError(MamlabError):
     """A checkpoint that cannot be written, read or used; the message names the file and the problem."""
+
+
+class CheckpointWriteError(CheckpointError, StorageError):
+    """Writing a checkpoint or model failed on the disk (full, read-only): the CLI's exit status 3."""
 
 
 @dataclass
@@ -312,8 +317,8 @@ def save_checkpoint(
         write_bytes_atomic(ckpt_root / LATEST_FILE, (name + "\n").encode())
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError(f"{final}: writing the checkpoint failed ({e.strerror or e}); the previous "
-                           "checkpoint is intact") from None
+        raise CheckpointWriteError(f"{final}: writing the checkpoint failed ({e.strerror or e}); the "
+                                   "previous checkpoint is intact") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -624,7 +629,7 @@ def save_model(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tens
     try:
         return write_bytes_atomic(path, data)
     except OSError as e:
-        raise StorageError(f"{path}: writing the model failed ({e.strerror or e})") from None
+        raise CheckpointWriteError(f"{path}: writing the model failed ({e.strerror or e})") from None
 
 
 def load_model(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
