@@ -13,32 +13,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from mamlab import build_algorithm
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.models import MLP
 from mamlab.tasks import Sinusoid
-
-
-def peak_saved_bytes(fn: Callable[[], object]) -> int:
-    """The peak total bytes of tensors saved for backward and alive at once while ``fn()`` runs."""
-    state = {"live": 0, "peak": 0}
-
-    class Held:
-        def __init__(self, t: torch.Tensor) -> None:
-            self.t, self.size = t, t.numel() * t.element_size()
-            state["live"] += self.size
-            state["peak"] = max(state["peak"], state["live"])
-
-        def __del__(self) -> None:
-            state["live"] -= self.size
-
-    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
-        fn()
-    return state["peak"]
 
 
 def measure(name: str, steps: int, iters: int, device: str) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mamlab import MAML, TaskBatch
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
 
@@ -37,22 +38,6 @@ def make(case: str, device: torch.device) -> tuple[torch.nn.Module, TaskBatch, f
     return Conv4(ways, hidden=16).to(device), batch, 0.4, F.cross_entropy
 
 
-def saved_peak(fn: Callable[[], object]) -> int:
-    """Peak bytes of autograd-saved tensors alive at once while ``fn()`` runs."""
-    state = {"live": 0, "peak": 0}
-
-    class Held:
-        def __init__(self, t: torch.Tensor) -> None:
-            self.t, self.size = t, t.numel() * t.element_size()
-            state["live"] += self.size
-            state["peak"] = max(state["peak"], state["live"])
-
-        def __del__(self) -> None:
-            state["live"] -= self.size
-
-    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
-        fn()
-    return state["peak"]
 
 
 def main() -> None:
@@ -89,7 +74,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     peak_cuda = (torch.cuda.max_memory_allocated(device) - base) / 2**20
                 seconds = (time.perf_counter() - start) / args.repeat
-                saved = saved_peak(step) / 2**20
+                saved = peak_saved_bytes(step) / 2**20
                 line = f"{case:9} {steps:5d} {str(recompute):>9} {seconds:9.4f} {saved:10.2f}"
                 print(line + (f" {peak_cuda:12.2f}" if cuda else ""), flush=True)
 

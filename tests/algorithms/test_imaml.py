@@ -12,6 +12,7 @@ from torch.func import functional_call
 from mamlab import MAML, MamlabError, TaskBatch, build_algorithm, iMAML
 from mamlab.algorithms.imaml import conjugate_gradient
 from mamlab.config import resolve_config
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.evaluate import evaluate_model
 from mamlab.models import MLP
 from mamlab.tasks import LinearRegression, Sinusoid
@@ -138,34 +139,6 @@ def test_conjugate_gradient_solves_each_task_alone() -> None:
 
 
 # ---------------------------------------------------------------- 3. memory does not grow with steps
-class SavedBytes:
-    """The peak bytes of tensors autograd holds for backward, live at the same time.
-
-    ``saved_tensors_hooks`` wraps every tensor autograd saves (forward graphs and the graphs of
-    double backward alike); a wrapper is alive exactly as long as the graph that saved it, so the
-    running sum of live wrappers is the memory that graphs hold: what grows with inner steps when a
-    method differentiates through them. It counts on CPU, unlike ``torch.cuda.max_memory_allocated``;
-    it omits parameters, gradients and temporaries, which do not depend on the number of steps.
-    """
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def measure(self, fn) -> int:
-        meter = self
-
-        class Held:
-            def __init__(self, t: torch.Tensor) -> None:
-                self.t, self.size = t, t.numel() * t.element_size()
-                meter.live += self.size
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self) -> None:
-                meter.live -= self.size
-
-        with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
-            fn()
-        return self.peak
 
 
 def peak_saved(name: str, steps: int, execution: str) -> int:
@@ -174,7 +147,7 @@ def peak_saved(name: str, steps: int, execution: str) -> int:
     batch = Sinusoid().sample(4, 10, 10, torch.Generator().manual_seed(0)).to(dtype=torch.float64)
     algo = build_algorithm(name, model, F.mse_loss, {"inner_lr": 0.01, "inner_steps": steps},
                            execution=execution)
-    return SavedBytes().measure(lambda: algo.meta_loss(batch).backward())
+    return peak_saved_bytes(lambda: algo.meta_loss(batch).backward())
 
 
 @pytest.mark.parametrize("execution", ["batched", "loop"])

@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from mamlab import MAML, MamlabError, TaskBatch, build_algorithm
 from mamlab.config import resolve_config
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.evaluate import evaluate_model
 from mamlab.models import MLP
 from mamlab.tasks import Sinusoid
@@ -138,27 +139,6 @@ def test_batchnorm_with_running_statistics_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- 2. memory
-class SavedBytes:
-    """Peak bytes of tensors saved by autograd and alive at once (``test_imaml.SavedBytes``)."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def measure(self, fn) -> int:
-        meter = self
-
-        class Held:
-            def __init__(self, t: torch.Tensor) -> None:
-                self.t, self.size = t, t.numel() * t.element_size()
-                meter.live += self.size
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self) -> None:
-                meter.live -= self.size
-
-        with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
-            fn()
-        return self.peak
 
 
 def peak_saved(steps: int, execution: str, recompute: bool) -> int:
@@ -166,7 +146,7 @@ def peak_saved(steps: int, execution: str, recompute: bool) -> int:
     model = MLP(1, 1, hidden=(40, 40))
     algo = MAML(model, F.mse_loss, 0.01, steps, execution=execution, recompute=recompute)
     batch = sinusoid()
-    return SavedBytes().measure(lambda: algo.meta_loss(batch).backward())
+    return peak_saved_bytes(lambda: algo.meta_loss(batch).backward())
 
 
 @pytest.mark.parametrize("execution", ["batched", "loop"])

@@ -44,3 +44,16 @@ def test_auto_runs_models_vmap_cannot_on_the_loop(make, why) -> None:
 def test_dropout_in_eval_mode_is_fine_for_vmap() -> None:
     model = WithDropout().eval()
     assert vmap_unsafe(model) is None and default_execution(model, "cuda") == "vmap"
+
+
+def test_peak_saved_bytes_sees_a_graph_grow_and_go() -> None:
+    from mamlab.core.memory import peak_saved_bytes
+
+    x = torch.randn(1000, requires_grad=True)
+
+    def two_saved() -> None:
+        y = (x * x).sin()  # saves x (twice, for the product) and x*x
+        y.sum().backward()
+
+    assert peak_saved_bytes(two_saved) >= 2 * 1000 * 4
+    assert peak_saved_bytes(lambda: None) == 0
