@@ -251,3 +251,17 @@ def test_a_full_disk_is_not_bad_input(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 3 and "No space left on device" in err and "previous checkpoint is intact" in err, err
     assert err.count("\n") == 1
     assert checkpoint.load_checkpoint(run).iteration == 0
+
+
+def test_default_threads_hold_up_on_a_shared_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from mamlab.cli import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert default_threads("sinusoid") == 1 and default_threads("omniglot") == 2  # idle: both cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert default_threads("omniglot") == 1  # another job holds a core: one thread
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert default_threads("omniglot") == 1 and default_threads(None) == 1

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from mamlab.errors import MamlabError, StorageError, check_choice
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "default_threads"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--algorithm", help="meta-learning algorithm: " + ", ".join(_algorithm_names()))
     t.add_argument("--baseline", choices=["pretrain"], help="same as --algorithm pretrain")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the MLP tasks, else the "
+                   "idle cores)")
     for group, options in _option_groups():
         g = t.add_argument_group(group)
         for o in options:
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ways", type=int, help="classification: N-way test tasks (default: the run's; at most "
                    "the model's number of outputs, labels 0..N-1)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the MLP tasks, else the "
+                   "idle cores)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     e.add_argument("--omniglot-runs", type=Path, dest="omniglot_runs",
                    help="evaluate on the 20 official one-shot runs (all_runs.zip or its folder)")
@@ -150,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing report in --out")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     a.add_argument("--no-progress", action="store_true")
-    a.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the MLP tasks, else the "
+                   "idle cores)")
 
     d = sub.add_parser("demo", help="train MAML and a baseline on sinusoids, compare, plot",
                        description="Train MAML and the pretrain baseline on sinusoids, evaluate both on "
@@ -170,19 +173,34 @@ def _device(args: argparse.Namespace) -> Any:
     return resolve_device(args.device)
 
 
-def _threads_for(task: str | None, requested: int | None) -> None:
-    """One torch thread for the tiny MLP tasks unless --threads says otherwise.
+def default_threads(task: str | None) -> int:
+    """The torch CPU threads mamlab uses when ``--threads`` is not given.
 
-    Measured with benchmarks/speed.py on 2 cores: the sinusoid MLP runs about as fast on one
-    thread as on two when the machine is idle, and one to two orders of magnitude faster when
-    another process holds the other core (intra-op threads then wait on each other).
+    One for the tiny MLP tasks: measured with ``benchmarks/speed.py`` on 2 cores, the sinusoid MLP
+    runs about as fast on one thread as on two when the machine is idle, and one to two orders of
+    magnitude faster when another process holds the other core (intra-op threads wait on each
+    other). For the conv nets, as many as there are idle cores (CPU count minus the 1-minute load
+    average, at least one): ``benchmarks/processes.py`` measured Conv4 at 1.22x with 2 threads on 2
+    idle cores, and at 0.01-0.02x with 2 threads while another job held a core.
     """
     from mamlab.experiments import TASKS
 
-    if requested is None and task in TASKS and TASKS[task].small_model:
+    if task in TASKS and TASKS[task].small_model:
+        return 1
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _threads_for(task: str | None, requested: int | None) -> None:
+    """Set torch's CPU threads: ``--threads`` if given, else ``default_threads(task)``."""
+    if requested is None:
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(default_threads(task))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
