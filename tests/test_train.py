@@ -306,3 +306,21 @@ def test_a_killed_extension_is_evaluated_at_its_newest_checkpoint(tmp_path: Path
     assert loaded.iteration == newest >= 60
     assert main(["eval", str(run), "--tasks", "5"]) == 0
     assert f"(iteration {newest})" in capsys.readouterr().out
+
+
+def test_non_finite_data_is_not_blamed_on_the_learning_rates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mamlab.tasks import Sinusoid
+
+    real = Sinusoid.sample
+
+    def with_nan(self, *args, **kwargs):
+        batch = real(self, *args, **kwargs)
+        batch.query_y[0, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(Sinusoid, "sample", with_nan)
+    config = resolve_config("sinusoid", None, {**SMALL, "iterations": 3})
+    with pytest.raises(TrainingDiverged, match="the meta-batch itself holds non-finite query_y: the data, "
+                                               "not the learning rates") as e:
+        train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert "learning rate (" not in str(e.value)

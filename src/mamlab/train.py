@@ -51,6 +51,7 @@ from mamlab.checkpoint import (
     save_model,
 )
 from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
+from mamlab.core.batch import TaskBatch
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
@@ -394,12 +395,15 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             if not math.isfinite(value) or not _finite_grads(algorithm):
                 if not config.skip_nonfinite:
                     bar.close()
+                    what = 'meta-gradient' if math.isfinite(value) else 'meta-loss'
+                    cause = (f"the meta-batch itself holds non-finite {_nonfinite_fields(batch)}: the data, "
+                             "not the learning rates" if _nonfinite_fields(batch) else
+                             f"likely causes: the inner learning rate ({_inner_lr_text(config)}) or "
+                             f"meta_lr {config.meta_lr} too large")
                     raise TrainingDiverged(
-                        f"non-finite {'meta-gradient' if math.isfinite(value) else 'meta-loss'} "
-                        f"at iteration {it} (loss {value}); likely causes: the inner learning rate "
-                        f"({_inner_lr_text(config)}) or meta_lr {config.meta_lr} too large; the last "
-                        f"good checkpoint is kept in {out_dir / 'checkpoints'}; pass --skip-nonfinite "
-                        "to skip such meta-batches"
+                        f"non-finite {what} at iteration {it} (loss {value}); {cause}; the last good "
+                        f"checkpoint is kept in {out_dir / 'checkpoints'}; pass --skip-nonfinite to skip "
+                        "such meta-batches"
                     )
                 skipped += 1
                 log.log(it, meta_loss=value, skipped=skipped, grad_norm=grad_norm,
@@ -445,6 +449,13 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
              f"{elapsed / done:.4f} s/it{procs}, {device}); final meta-loss "
              f"{last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
     return Run(out_dir, config, algorithm, config.iterations)
+
+
+def _nonfinite_fields(batch: TaskBatch) -> str:
+    """``"support_x, query_y"``: the fields of ``batch`` with a NaN or infinite value ('' if none)."""
+    names = ("support_x", "support_y", "query_x", "query_y")
+    return ", ".join(n for n in names if getattr(batch, n).is_floating_point()
+                     and not bool(torch.isfinite(getattr(batch, n)).all()))
 
 
 def _inner_lr_text(config: TrainConfig) -> str:
