@@ -296,20 +296,30 @@ class InnerLoopAlgorithm(MetaAlgorithm):
                 raise MamlabError(
                     f"start must hold [{num_tasks}, ...] tensors for exactly {', '.join(adapted)}"
                 )
+            done = self.steps_done(start)
             begin = {k: p.detach() for k, p in start.items()}
         else:
+            done = 0
             begin = expand_to_tasks(adapted, num_tasks)
         if steps == 0:
-            return {k: p.clone() for k, p in begin.items()}
+            return self.adapted_state({k: p.clone() for k, p in begin.items()}, done)
         path = self.engine.path(support_x.device)
         parts = []
         for s in self.engine.chunks(num_tasks, path):
             one = s.stop - s.start == 1  # a chunk of one task runs without a task dimension
             params = {k: (p[s.start] if one else p[s]).clone().requires_grad_(True) for k, p in begin.items()}
             params = self.inner_loop(params, shared, support_x[s], support_y[s], steps, path,
-                                     create_graph=False, lr=lr)
+                                     create_graph=False, lr=lr, first_step=done)
             parts.append(self.engine.with_task_dim({k: p.detach() for k, p in params.items()}))
-        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        return self.adapted_state({k: torch.cat([part[k] for part in parts]) for k in parts[0]}, done + steps)
+
+    def steps_done(self, start: Mapping[str, torch.Tensor]) -> int:
+        """The inner steps an earlier ``adapt`` result took; 0 where the update ignores the step index."""
+        return 0
+
+    def adapted_state(self, params: Params, steps: int) -> Params:
+        """What ``adapt`` returns for ``params`` after ``steps`` inner steps in all (the dict itself)."""
+        return params
 
     def predict(self, adapted: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """f_{θ'_i}(x_i) for every task i: ``adapted`` from ``adapt``, ``x`` shaped ``[T, M, ...]``."""

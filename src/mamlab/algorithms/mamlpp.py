@@ -64,7 +64,7 @@ from mamlab.algorithms.base import InnerLoopAlgorithm
 from mamlab.core.batch import TaskBatch
 from mamlab.core.execution import grad_of
 from mamlab.core.losses import LossFn
-from mamlab.core.params import Params, expand_to_tasks, sgd_step
+from mamlab.core.params import Params, sgd_step
 from mamlab.errors import MamlabError, check_positive
 
 __all__ = ["MAMLPlusPlus", "AdaptedParams", "msl_weights"]
@@ -229,43 +229,13 @@ class MAMLPlusPlus(InnerLoopAlgorithm):
         return total  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ the contract
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None,
-              start: Mapping[str, torch.Tensor] | None = None, lr: float | None = None) -> AdaptedParams:
-        """Adapt θ to each task's support set with the learned rates and per-step BatchNorm.
+    def steps_done(self, start: Mapping[str, torch.Tensor]) -> int:
+        """The steps recorded in an earlier ``adapt`` result: they choose the per-step rates and BatchNorm."""
+        return self._steps_of(start, "start")
 
-        Args:
-            support_x, support_y: ``[T, K, ...]`` support sets.
-            steps: inner steps (default ``inner_steps``; 0 returns θ for every task).
-            start: an earlier ``adapt`` result to continue from (its ``.steps`` says where).
-            lr: one inner step size for every layer and step instead of the learned ones.
-
-        Returns:
-            ``AdaptedParams``: θ'_i as ``[T, ...]`` tensors, detached, with ``.steps`` taken in all.
-        """
-        steps = self.check_adapt(support_x, support_y, steps, lr)
-        adapted, shared = self.split_parameters(detach=True)
-        num_tasks = support_x.shape[0]
-        done = 0
-        if start is not None:
-            if set(start) != set(adapted) or any(p.shape[0] != num_tasks for p in start.values()):
-                raise MamlabError(
-                    f"start must hold [{num_tasks}, ...] tensors for exactly {', '.join(adapted)}"
-                )
-            done = self._steps_of(start, "start")
-            begin = {k: p.detach() for k, p in start.items()}
-        else:
-            begin = expand_to_tasks(adapted, num_tasks)
-        if steps == 0:
-            return AdaptedParams({k: p.clone() for k, p in begin.items()}, done)
-        path = self.engine.path(support_x.device)
-        parts = []
-        for s in self.engine.chunks(num_tasks, path):
-            one = s.stop - s.start == 1  # a chunk of one task runs without a task dimension
-            params = {k: (p[s.start] if one else p[s]).clone().requires_grad_(True) for k, p in begin.items()}
-            params = self.inner_loop(params, shared, support_x[s], support_y[s], steps, path,
-                                     create_graph=False, lr=lr, first_step=done)
-            parts.append(self.engine.with_task_dim({k: p.detach() for k, p in params.items()}))
-        return AdaptedParams({k: torch.cat([part[k] for part in parts]) for k in parts[0]}, done + steps)
+    def adapted_state(self, params: Params, steps: int) -> AdaptedParams:
+        """``adapt`` returns ``AdaptedParams``: θ'_i with ``.steps``, the inner steps taken in all."""
+        return AdaptedParams(params, steps)
 
     def predict(self, adapted: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """f_{θ'_i}(x_i) for every task, with the BatchNorm of the last inner step ``adapted`` took."""
