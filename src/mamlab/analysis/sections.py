@@ -3,8 +3,10 @@
 One function per study turns the dict the study returned (``mamlab.analysis.studies``) into a
 ``Section`` of the page (``mamlab.report.html``): explanatory text, the figures it asks
 ``mamlab.report.plots`` to draw, the tables of estimates, and the lines it appends to the page's
-generated summary. Nothing here computes a new statistic: the sentences only choose and word the
-numbers the studies recorded.
+generated summary. Each ``*_section(c, r, summary)`` takes the report's context ``c`` (folder,
+colours, unit), the study's result dict ``r`` as it goes into results.json, and the page's
+summary lines, to which it appends its own, and returns the ``Section``. Nothing here computes a
+new statistic: the sentences only choose and word the numbers the studies recorded.
 
 Diverging tasks: where any task behind a number diverged (``studies.DIVERGENCE_FACTOR``), a
 sentence quotes medians and says how many tasks diverged, and a figure plots medians with their
@@ -845,16 +847,7 @@ def generalization_section(
 
 
 def shift_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
-    """Distribution shift (``studies.distribution_shift``): loss as test tasks leave the training range.
-
-    Args:
-        c: the report's context (folder, colours, unit).
-        r: the study's result dict, as it goes into results.json.
-        summary: the page's summary lines; this section's are appended.
-
-    Returns:
-        The section: explanatory text, figures, tables.
-    """
+    """Distribution shift (``studies.distribution_shift``): loss as test tasks leave the training range."""
     u, ref = c.unit, r["reference"]
     figs, tables, parts = [], [], []
     for axis, ax in r["axes"].items():
@@ -917,16 +910,7 @@ def shift_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> S
 
 
 def representation_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
-    """Rapid learning or feature reuse (``studies.representation_change``): CKA, SVCCA, parameter change.
-
-    Args:
-        c: the report's context (folder, colours, unit).
-        r: the study's result dict, as it goes into results.json.
-        summary: the page's summary lines; this section's are appended.
-
-    Returns:
-        The section: explanatory text, figures, tables.
-    """
+    """Rapid learning or feature reuse (``studies.representation_change``): CKA, SVCCA, parameter change."""
     L = r["learners"]
     ref = next(iter(L))
     layers = L[ref]["layers"]
@@ -1017,16 +1001,7 @@ def representation_section(c: SectionContext, r: dict[str, Any], summary: list[s
 
 
 def landscape_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
-    """The loss landscape (``studies.landscape``): sharpness at θ and θ', gradient norms.
-
-    Args:
-        c: the report's context (folder, colours, unit).
-        r: the study's result dict, as it goes into results.json.
-        summary: the page's summary lines; this section's are appended.
-
-    Returns:
-        The section: explanatory text, figures, tables.
-    """
+    """The loss landscape (``studies.landscape``): sharpness at θ and θ', gradient norms."""
     L, names = r["learners"], list(r["learners"])
     lines = _two_over_alpha(c.inner_lrs, names)
     figs = _figs(
