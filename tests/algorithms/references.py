@@ -32,3 +32,21 @@ class ConvBN(nn.Module):
         x = F.max_pool2d(torch.relu(self.b1(self.c1(x))), 2)
         x = F.max_pool2d(torch.relu(self.b2(self.c2(x))), 2)
         return self.head(x.flatten(1))
+
+
+def convbn_by_hand(conv: list[torch.Tensor], bn: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """ConvBN written out: conv = [c1w, c1b, c2w, c2b, hw, hb], bn = [w1, b1, w2, b2].
+
+    BatchNorm normalizes with the batch's own mean and biased variance (batch statistics).
+    """
+    c1w, c1b, c2w, c2b, hw, hb = conv
+    w1, b1, w2, b2 = bn
+
+    def norm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        return (h - mean) / torch.sqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+
+    h = F.max_pool2d(torch.relu(norm(F.conv2d(x, c1w, c1b, padding=1), w1, b1)), 2)
+    h = F.max_pool2d(torch.relu(norm(F.conv2d(h, c2w, c2b, padding=1), w2, b2)), 2)
+    return h.flatten(1) @ hw.t() + hb

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from references import ConvBN, mlp_forward
+from references import ConvBN, convbn_by_hand, mlp_forward
 from torch import nn
 
 from mamlab import MAML, MamlabError, TaskBatch
@@ -20,17 +20,9 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def convbn_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """ConvBN by hand; BatchNorm normalizes with the batch's own mean and biased variance."""
+    """ConvBN by hand, p in ``ConvBN().parameters()`` order."""
     c1w, c1b, b1w, b1b, c2w, c2b, b2w, b2b, hw, hb = p
-
-    def bn(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        mean = h.mean(dim=(0, 2, 3), keepdim=True)
-        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        return (h - mean) / torch.sqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-    h = F.max_pool2d(torch.relu(bn(F.conv2d(x, c1w, c1b, padding=1), b1w, b1b)), 2)
-    h = F.max_pool2d(torch.relu(bn(F.conv2d(h, c2w, c2b, padding=1), b2w, b2b)), 2)
-    return h.flatten(1) @ hw.t() + hb
+    return convbn_by_hand([c1w, c1b, c2w, c2b, hw, hb], [b1w, b1b, b2w, b2b], x)
 
 
 def loop_meta_grad(fwd, params: list[torch.Tensor], loss_fn, batch: TaskBatch, lr: float, steps: int,

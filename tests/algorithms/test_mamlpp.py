@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from references import ConvBN, mlp_forward
+from references import ConvBN, convbn_by_hand, mlp_forward
 
 from mamlab import MamlabError, MAMLPlusPlus, TaskBatch, build_algorithm
 from mamlab.algorithms.mamlpp import AdaptedParams, msl_weights
@@ -44,19 +44,7 @@ def released_weights(n: int, epoch: int, epochs: int) -> list[float]:
 
 
 
-def convbn_forward(p: list[torch.Tensor], bn: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """ConvBN by hand: p = conv/head weights, bn = [w1, b1, w2, b2] of one step; batch statistics."""
-    c1w, c1b, c2w, c2b, hw, hb = p
-    w1, b1, w2, b2 = bn
-
-    def norm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        mean = h.mean(dim=(0, 2, 3), keepdim=True)
-        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        return (h - mean) / torch.sqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-    h = F.max_pool2d(torch.relu(norm(F.conv2d(x, c1w, c1b, padding=1), w1, b1)), 2)
-    h = F.max_pool2d(torch.relu(norm(F.conv2d(h, c2w, c2b, padding=1), w2, b2)), 2)
-    return h.flatten(1) @ hw.t() + hb
+convbn_forward = convbn_by_hand  # p = conv/head weights, bn = [w1, b1, w2, b2] of one step
 
 
 INNER = ["c1.weight", "c1.bias", "c2.weight", "c2.bias", "head.weight", "head.bias"]
