@@ -149,27 +149,36 @@ def _local_rank(pid: int) -> int | None:
     return None
 
 
+def _signal_rank_1(launcher: subprocess.Popen, ready, sig: signal.Signals) -> tuple[str, str, float]:
+    """Once ``ready()``, send ``sig`` to rank 1 alone; torchrun's output and seconds until it ended.
+
+    Fails if the job ends first or nothing is ready within 120 s; never leaves a worker behind.
+    """
+    try:
+        deadline = time.time() + 120
+        while not ready():
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.time() < deadline, "the run never got ready to be signalled"
+            time.sleep(0.05)
+        ranks = {_local_rank(pid): pid for pid in _children(launcher.pid)}
+        assert set(ranks) >= {0, 1}, ranks
+        os.kill(ranks[1], sig)
+        sent = time.time()
+        out, err = launcher.communicate(timeout=60)
+        return out, err, time.time() - sent
+    finally:
+        if launcher.poll() is None:
+            _kill(launcher)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_a_dead_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = _torchrun("train", "sinusoid", "--out", "run", "--iterations", "100000", "--val-every", "1000",
                     "--checkpoint-every", "20", *RUN)
     launcher = _launch(cmd, tmp_path)
-    try:
-        deadline = time.time() + 120
-        while len(list_checkpoints(run)) < 2:  # iter_000000 and at least one after training began
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        ranks = {_local_rank(pid): pid for pid in _children(launcher.pid)}
-        assert set(ranks) >= {0, 1}, ranks
-        os.kill(ranks[1], signal.SIGKILL)
-        killed = time.time()
-        out, err = launcher.communicate(timeout=60)  # torchrun's agent tears the group down
-        took = time.time() - killed
-    finally:
-        if launcher.poll() is None:
-            _kill(launcher)
+    # iter_000000 and at least one checkpoint after training began; torchrun's agent tears the group down
+    out, err, took = _signal_rank_1(launcher, lambda: len(list_checkpoints(run)) >= 2, signal.SIGKILL)
     assert launcher.returncode != 0
     assert took < 60
     # torchrun's summary names the failure: the rank and the signal that ended it
@@ -206,18 +215,9 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_checkpointed_
     cmd = _torchrun("train", "sinusoid", "--out", "run", "--iterations", "100000", "--val-every", "1000",
                     "--checkpoint-every", "50000", *RUN)
     launcher = _launch(cmd, tmp_path)
-    try:
-        deadline = time.time() + 120
-        while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 20:
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.05)
-        ranks = {_local_rank(pid): pid for pid in _children(launcher.pid)}
-        os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone is told to stop
-        out, err = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            _kill(launcher)
+    # rank 1 alone is told to stop, once training is under way
+    out, err, _ = _signal_rank_1(launcher, lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 20,
+                                 signal.SIGTERM)
     ckpt = load_checkpoint(run)
     assert ckpt.iteration > 0 and ckpt.iteration % 50000 != 0  # written because of the signal
     assert [m["iteration"] for m in read_metrics(run)] == list(range(1, ckpt.iteration + 1))
