@@ -247,8 +247,8 @@ def presets() -> dict[str, str]:
     out = {}
     for entry in sorted(resources.files("mamlab.presets").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
-            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
-            out[entry.name[:-5]] = first.lstrip("# ").strip()
+            lines = entry.read_text().splitlines()
+            out[entry.name[:-5]] = lines[0].lstrip("# ").strip() if lines else ""
     return out
 
 

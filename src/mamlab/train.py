@@ -396,8 +396,9 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                 if not config.skip_nonfinite:
                     bar.close()
                     what = 'meta-gradient' if math.isfinite(value) else 'meta-loss'
-                    cause = (f"the meta-batch itself holds non-finite {_nonfinite_fields(batch)}: the data, "
-                             "not the learning rates" if _nonfinite_fields(batch) else
+                    bad_data = _nonfinite_fields(batch)
+                    cause = (f"the meta-batch itself holds non-finite {bad_data}: the data, "
+                             "not the learning rates" if bad_data else
                              f"likely causes: the inner learning rate ({_inner_lr_text(config)}) or "
                              f"meta_lr {config.meta_lr} too large")
                     raise TrainingDiverged(
@@ -464,4 +465,6 @@ def _inner_lr_text(config: TrainConfig) -> str:
 
 
 def _finite_grads(algorithm: nn.Module) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in algorithm.parameters())
+    """Whether every gradient is finite: one device sync, not one per parameter."""
+    checks = [torch.isfinite(p.grad).all() for p in algorithm.parameters() if p.grad is not None]
+    return not checks or bool(torch.stack(checks).all())
