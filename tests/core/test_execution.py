@@ -57,3 +57,10 @@ def test_peak_saved_bytes_sees_a_graph_grow_and_go() -> None:
 
     assert peak_saved_bytes(two_saved) >= 2 * 1000 * 4
     assert peak_saved_bytes(lambda: None) == 0
+
+
+def test_tune_times_only_the_paths_the_model_can_run() -> None:
+    model = WithDropout()
+    batch = Sinusoid().sample(3, 4, 4, torch.Generator().manual_seed(0))
+    times = MAML(model, F.mse_loss, 0.01).tune(batch, repeats=1)
+    assert set(times) == {"loop"}

@@ -65,13 +65,10 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     device = torch.device(device)
     if plan_for(model) is not None:
         return "batched"
-    if vmap_unsafe(model):
+    if vmap_unsafe(model) or tracks_running_stats(model):
         return "loop"
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
-            return "loop"
-        if device.type == "cpu" and isinstance(m, _BATCHED_SLOW_OR_UNSAFE):
-            return "loop"
+    if device.type == "cpu" and any(isinstance(m, _BATCHED_SLOW_OR_UNSAFE) for m in model.modules()):
+        return "loop"
     return "vmap"
 
 
@@ -297,7 +294,9 @@ class TaskEngine:
         """Time ``run()`` on each path this model allows and keep the fastest; seconds per call."""
         check_positive("repeats", repeats, integer=True)
         times: dict[str, float] = {}
-        for path in (("batched",) if self.plan is not None else ()) + ("vmap", "loop"):
+        paths = [p for p, ok in (("batched", self.plan is not None), ("vmap", not vmap_unsafe(self.model)),
+                                 ("loop", True)) if ok]
+        for path in paths:
             self.execution = path
             run()  # warm-up
             start = time.perf_counter()
