@@ -20,7 +20,7 @@ Data flows: core → models, tasks → algorithms → experiments → config →
       7    runtime, checkpoint, runlog,            running: training, evaluation, what they write
            train, evaluate
       8    report                                  rendering only: HTML page, plots, figures
-      9    analysis                                studies (numbers) → sections (text) → pipeline,
+      9    analysis, sweep                         studies (numbers) → sections (text) → pipeline,
                                                    which renders through report: analysis
                                                    produces the numbers, report only draws them,
                                                    so report sits below analysis
@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "presets"),
     ("runtime", "checkpoint", "runlog", "train", "evaluate"),
     ("report",),
-    ("analysis",),
+    ("analysis", "sweep"),
     ("cli", "demo", "__main__"),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    _add_sweep_parser(sub)
     return parser
 
 
@@ -335,6 +336,126 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- mamlab sweep
+#: The grid of ``mamlab sweep TASK`` when no grid flag is given: sized to run in minutes on 2 CPU cores.
+SWEEP_DEFAULT_GRID = {"train_tasks": "10,100,1000", "shots": "5,20"}
+#: The sweep's list-valued shorthands for grid keys (``--train-tasks 10,100`` is ``--grid train_tasks=10,100``).
+SWEEP_SHORTHANDS = ("train_tasks", "shots")
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    """The ``sweep`` sub-command: a grid of training runs, evaluated on the same episodes, one page."""
+    s = sub.add_parser("sweep", help="train a grid of runs and measure how meta-generalization scales",
+                       description="Train one run per grid cell and seed under OUT/runs/, evaluate every run "
+                       "on the same new tasks (and, with --train-tasks, on its pool), and write "
+                       "OUT/results.json and OUT/index.html: the generalization gap against the number of "
+                       "training tasks M and examples N on log-log axes with fitted slopes against theory. "
+                       "Running it again on the same OUT (or --resume OUT) skips finished runs and resumes "
+                       "interrupted ones. Under torchrun --nproc_per_node P -m mamlab sweep ... process r "
+                       "trains the runs i with i %% P == r. Without --train-tasks, --shots or --grid the "
+                       f"grid is --train-tasks {SWEEP_DEFAULT_GRID['train_tasks']} --shots "
+                       f"{SWEEP_DEFAULT_GRID['shots']}.")
+    s.add_argument("task", nargs="?", help="task family: " + ", ".join(_task_names()))
+    s.add_argument("--out", type=Path, help="sweep directory (created, or continued if it holds this sweep)")
+    s.add_argument("--resume", type=Path, metavar="DIR", help="continue the sweep in DIR with its own grid")
+    s.add_argument("--force", action="store_true", help="replace the sweep in --out")
+    s.add_argument("--algorithm", help="meta-learning algorithm: " + ", ".join(_algorithm_names()))
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep an option (run, task or algorithm) or algorithm over values; repeatable; list "
+                   "options separate values with ';' (hidden=40,40;80,80)")
+    s.add_argument("--seeds", type=int, default=2, help="seeds per grid cell: seed s trains with --seed + s "
+                   "(default 2)")
+    s.add_argument("--eval-tasks", type=int, default=200, dest="eval_tasks",
+                   help="new tasks every run is evaluated on (default 200)")
+    s.add_argument("--eval-seed", type=int, default=0, dest="eval_seed",
+                   help="the evaluation episodes' seed, the same for every run (default 0)")
+    s.add_argument("--steps", type=int, help="inner steps before scoring (default: each run's inner_steps)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the MLP tasks, else the "
+                   "idle cores)")
+    for group, options in _option_groups():
+        g = s.add_argument_group(group + ", fixed for every run" if group == "run options" else group)
+        for o in options:
+            if o.name in SWEEP_SHORTHANDS:
+                g.add_argument(o.flag, dest=o.name, metavar="V1,V2,...", default=None,
+                               help=f"{o.help}: the values to sweep (a grid key)")
+            elif o.kind == "bool":
+                g.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=o.help)
+            else:
+                g.add_argument(o.flag, dest=o.name, default=None, help=o.help)
+
+
+def _sweep_spec(args: argparse.Namespace) -> Any:
+    """The SweepSpec of ``mamlab sweep``'s flags (one-line errors on a bad key or value)."""
+    from mamlab.sweep import SweepSpec, parse_grid_values
+
+    if args.task is None:
+        raise MamlabError(f"sweep needs a TASK ({', '.join(_task_names())}) or --resume DIR")
+    check_choice("task family", args.task, _task_names())
+    algorithm = args.algorithm or "maml"
+    check_choice("algorithm", algorithm, _algorithm_names())
+    raw: list[tuple[str, str]] = [(k, getattr(args, k)) for k in SWEEP_SHORTHANDS if getattr(args, k)]
+    for item in args.grid:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise MamlabError(f"--grid {item!r} must be KEY=V1,V2,... (e.g. inner_lr=0.001,0.01)")
+        raw.append((key.strip().replace("-", "_"), text))
+    if not raw:
+        raw = list(SWEEP_DEFAULT_GRID.items())
+    keys = [k for k, _ in raw]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise MamlabError(f"grid key {dup!r} is given twice; give its values once")
+    algorithms = [algorithm]
+    for key, text in raw:
+        if key == "algorithm":
+            algorithms = parse_grid_values("algorithm", text, args.task, algorithms)
+    if "algorithm" in keys and args.algorithm:
+        raise MamlabError("--algorithm conflicts with --grid algorithm=...; give one")
+    grid = {key: parse_grid_values(key, text, args.task, algorithms) for key, text in raw}
+    fixed = {k: v for k, v in _option_values_except(args, SWEEP_SHORTHANDS).items()}
+    return SweepSpec(args.task, grid, fixed, algorithm=algorithms[0] if "algorithm" not in grid else "maml",
+                     seeds=args.seeds, eval_tasks=args.eval_tasks, eval_seed=args.eval_seed, steps=args.steps)
+
+
+def _option_values_except(args: argparse.Namespace, skip: Sequence[str]) -> dict[str, Any]:
+    """The option flags given, parsed and checked, except the grid shorthands."""
+    values: dict[str, Any] = {}
+    for _, options in _option_groups():
+        for o in options:
+            raw = getattr(args, o.name, None)
+            if raw is None or o.name in skip:
+                continue
+            values[o.name] = raw if isinstance(raw, bool) else o.parse(raw)
+    return values
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mamlab.sweep import read_spec, run_sweep
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("task", "out", "algorithm") if getattr(args, k)]
+        given += ["--grid" for _ in args.grid[:1]]
+        given += [f"--{k.replace('_', '-')}" for k in _option_values_except(args, ())]
+        if given:
+            raise MamlabError(f"{given[0] if given[0] != '--task' else 'TASK'} cannot be given with --resume: "
+                              "the sweep keeps the grid and options of its sweep.json")
+        spec = read_spec(args.resume)
+        _threads_for(spec.task, args.threads)
+        path = run_sweep(spec, args.resume, force=False, progress=progress)
+    else:
+        if args.out is None:
+            raise MamlabError("sweep needs --out DIR, the sweep directory (or --resume DIR)")
+        spec = _sweep_spec(args)
+        _threads_for(spec.task, args.threads)
+        path = run_sweep(spec, args.out, force=args.force, progress=progress)
+    if path is not None:
+        print(f"report: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; exit status 0 ok, 2 bad input, 1 failure, 3 disk full, 130 stopped."""
     parser = build_parser()
@@ -347,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "analyze": _cmd_analyze, "demo": _cmd_demo}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "analyze": _cmd_analyze, "demo": _cmd_demo,
+                "sweep": _cmd_sweep}
     threads = getattr(args, "threads", None)
     if threads is not None:
         if not 1 <= threads <= 4096:
