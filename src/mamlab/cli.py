@@ -278,8 +278,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         run.config = run.config.with_options(ways=args.ways)
     result = evaluate_model(run.algorithm, run.config, shots=args.shots, queries=args.queries, steps=steps,
                             num_tasks=args.tasks, lr=args.lr, seed=args.seed)
+    gap = None
+    if run.config.train_tasks is not None:  # trained on a finite pool: its generalization gap too
+        from mamlab.evaluate import gap_summary, pool_gap
+
+        gap = gap_summary(pool_gap(run.algorithm, run.config, shots=args.shots, queries=args.queries,
+                                   steps=steps, num_tasks=args.tasks, lr=args.lr, seed=args.seed, new=result))
     if args.json:
-        print(json.dumps({"run": str(args.run), **result.to_dict()}, indent=2))
+        extra = {"gap": gap} if gap else {}
+        print(json.dumps({"run": str(args.run), **result.to_dict(), **extra}, indent=2))
         return 0
     ways = f"{run.config.ways}-way " if run.config.task == "omniglot" else ""
     print(f"{run.config.algorithm} on {run.config.task} (iteration {run.iteration}): {result.num_tasks} "
@@ -291,7 +298,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if any(r["loss_diverged"] for r in rows):
         print("diverged: tasks whose loss is not finite; the mean is over the others, the median counts "
               "them as +inf")
+    if gap:
+        print(f"\ngeneralization gap: trained on a pool of {run.config.train_tasks} tasks with "
+              f"{run.config.train_examples or run.config.shots + run.config.queries} examples each; "
+              "mean query loss (95% CI) on")
+        print(_gap_table(gap))
     return 0
+
+
+def _gap_table(rows: list[dict[str, Any]]) -> str:
+    kinds = [k for k in ("pool", "recurring", "new") if k in rows[0]]
+    names = {"pool": "pool tasks", "recurring": "pool tasks, new examples", "new": "new tasks"}
+    head = f"{'steps':>5}" + "".join(f"  {names[k]:>24}" for k in kinds) + f"  {'gap: new − pool':>22}"
+    lines = [head]
+    for r in rows:
+        line = f"{r['steps']:>5}" + "".join(f"  {r[k]['loss']:>14.4f} ± {r[k]['loss_ci95']:<7.4f}"
+                                            for k in kinds)
+        g = r.get("gap_pool")
+        line += f"  {g['loss']:>12.4f} ± {g['loss_ci95']:<7.4f}" if g else f"  {'n/a':>22}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -68,6 +68,11 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda or cuda:N"),
     Option("precision", "str", "fp32", "fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast)",
            choices=PRECISIONS),
+    Option("train_tasks", "int", None, "meta-train on a fixed pool of M tasks instead of a fresh task "
+           "each time (default: fresh tasks)", positive=True, nullable=True),
+    Option("train_examples", "int", None, "examples N of each pool task (per class for classification), "
+           "from which support and query sets are drawn; needs train_tasks (default shots + queries)",
+           positive=True, nullable=True),
 )
 _RUN = {o.name: o for o in RUN_OPTIONS}
 #: Run options that ``mamlab train --resume`` may change; the others are fixed by the run.
@@ -112,6 +117,8 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     precision: str = "fp32"
+    train_tasks: int | None = None
+    train_examples: int | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     algorithm_options: dict[str, Any] = field(default_factory=dict)
 
@@ -190,10 +197,24 @@ def _build(task: Any, algorithm: Any, run: Mapping[str, Any], task_options: Mapp
     task_values = check_options(task_options, spec.options, f"task {task!r}", source)
     algo_values = check_options(algorithm_options, algo.options, f"algorithm {algorithm!r}", source)
     spec.check(task_values)
+    _check_pool(run_values, source)
     config = TrainConfig(task=task, algorithm=algorithm, task_options=task_values,
                          algorithm_options=algo_values, **run_values)
     _check_device_name(config.device, source)
     return config
+
+
+def _check_pool(run: Mapping[str, Any], source: str) -> None:
+    """``train_examples`` needs ``train_tasks`` and must hold a support and a query set."""
+    examples, draws = run.get("train_examples"), run.get("shots", 10) + run.get("queries", 10)
+    if examples is None:
+        return
+    if run.get("train_tasks") is None:
+        raise MamlabError(f"{source}: train_examples = {examples} needs train_tasks (the pool size M); "
+                          "without it every task is fresh")
+    if examples < draws:
+        raise MamlabError(f"{source}: train_examples = {examples} is less than shots + queries = {draws}; "
+                          f"use train_examples >= {draws}")
 
 
 def _check_device_name(device: str, source: str) -> None:

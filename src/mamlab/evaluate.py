@@ -24,8 +24,8 @@ from mamlab.experiments import accuracy, build_family, is_classification, loss_f
 from mamlab.stats import mean_ci, median_ci
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
-__all__ = ["evaluate_on_oneshot_runs", "EVAL_SEED_OFFSET", "eval_generator", "eval_episodes", "EvalResult",
-           "evaluate_model", "per_task_scores", "parse_steps"]
+__all__ = ["evaluate_on_oneshot_runs", "pool_gap", "gap_summary", "EVAL_SEED_OFFSET", "eval_generator",
+           "eval_episodes", "EvalResult", "evaluate_model", "per_task_scores", "parse_steps"]
 
 #: Evaluation streams are seeded with ``EVAL_SEED_OFFSET + seed``, away from training seeds.
 EVAL_SEED_OFFSET = 1_000_003
@@ -181,6 +181,78 @@ def evaluate_model(model: nn.Module | MetaAlgorithm, config: TrainConfig, *, sho
     result.losses = {s: torch.cat(v) for s, v in parts_l.items()}
     result.accuracies = {s: torch.cat(v) for s, v in parts_a.items() if v}
     return result
+
+
+def pool_gap(model: nn.Module | MetaAlgorithm, config: TrainConfig, *, num_tasks: int = 600,
+             steps: Sequence[int] | None = None, shots: int | None = None, queries: int | None = None,
+             seed: int = 0, lr: float | None = None, new: EvalResult | None = None) -> dict[str, EvalResult]:
+    """The meta-generalization gap of a run trained on a finite pool (``train_tasks``).
+
+    Scores the same model, after the same inner steps, on three kinds of episodes drawn from the
+    evaluation stream of ``seed``:
+
+    * ``"pool"``: tasks of the run's training pool, support and query sets split from the pool's
+      own N examples (what meta-training minimized);
+    * ``"recurring"``: tasks of the pool with fresh examples (parametric families only): the
+      test error on recurring tasks of Fallah et al. 2021;
+    * ``"new"``: new tasks of the same distribution (the config's test split).
+
+    The gap is ``new − pool``; see :func:`gap_summary`.
+
+    Args:
+        model: the trained algorithm (or its network).
+        config: the run's configuration; it must have ``train_tasks``.
+        num_tasks: episodes of each kind (pool tasks are picked with replacement).
+        steps: inner step counts to score (default the algorithm's own).
+        shots, queries: per task (per class); default the config's.
+        seed: the evaluation stream's seed.
+        lr: an inner step size instead of the algorithm's own.
+        new: the model's :func:`evaluate_model` result with these very settings, if already
+            computed (it is the ``"new"`` entry; not recomputed).
+    """
+    from mamlab.tasks.finite import TaskPool
+
+    if config.train_tasks is None:
+        raise MamlabError("this run was trained on fresh tasks (no train_tasks): it has no pool to measure "
+                          "a gap against; train with --train-tasks M")
+    algorithm = as_algorithm(model, config)
+    steps = [algorithm.inner_steps] if steps is None else steps
+    pool = build_family(config, "train")
+    if not isinstance(pool, TaskPool):  # pragma: no cover - build_family returns the pool with train_tasks
+        raise MamlabError(f"the training split of {config.task!r} is not a task pool")
+    kw = {"shots": shots, "queries": queries, "steps": steps, "num_tasks": num_tasks, "lr": lr, "seed": seed}
+    out = {"pool": evaluate_model(algorithm, config, family=pool, **kw)}
+    if pool.params is not None:
+        out["recurring"] = evaluate_model(algorithm, config, family=pool.recurring_tasks(), **kw)
+    out["new"] = evaluate_model(algorithm, config, **kw) if new is None else new
+    return out
+
+
+def gap_summary(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
+    """Per step count: each kind's mean loss ± CI, and the gaps ``new − pool`` (and ``new − recurring``).
+
+    Episodes of different kinds are different tasks, so a gap's interval is the unpaired
+    (Welch) one over the finite tasks of both kinds.
+    """
+    from mamlab.stats import unpaired_difference_ci
+
+    rows = []
+    for s in results["new"].steps:
+        row: dict[str, Any] = {"steps": s}
+        for kind, r in results.items():
+            summary = {x["steps"]: x for x in r.summary()}[s]
+            row[kind] = {k: summary[k] for k in ("loss", "loss_ci95", "loss_median", "loss_diverged")}
+            if "accuracy" in summary:
+                row[kind].update(accuracy=summary["accuracy"], accuracy_ci95=summary["accuracy_ci95"])
+        for ref in ("pool", "recurring"):
+            if ref in results:
+                a, b = results["new"].losses[s], results[ref].losses[s]
+                a, b = a[torch.isfinite(a)], b[torch.isfinite(b)]
+                if a.numel() >= 2 and b.numel() >= 2:
+                    d, ci = unpaired_difference_ci(a, b)
+                    row[f"gap_{ref}"] = {"loss": d, "loss_ci95": ci}
+        rows.append(row)
+    return rows
 
 
 def evaluate_on_oneshot_runs(model: nn.Module | MetaAlgorithm, config: TrainConfig, path: str | Path, *,

@@ -27,9 +27,13 @@ from mamlab.models import MLP, Conv4
 from mamlab.options import Option
 from mamlab.tasks import LinearClassification, LinearRegression, Sinusoid
 from mamlab.tasks.base import TaskFamily
+from mamlab.tasks.finite import TaskPool
 
 __all__ = ["TASKS", "TaskSpec", "SPLITS", "task_spec", "build_family", "build_model", "loss_for",
-           "is_classification", "accuracy", "omniglot_dataset"]
+           "is_classification", "accuracy", "omniglot_dataset", "POOL_SEED_OFFSET"]
+
+#: A run's finite pool of training tasks is drawn from ``POOL_SEED_OFFSET + seed``.
+POOL_SEED_OFFSET = 5_000_011
 
 #: The task distributions a spec can build: meta-training, periodic validation, meta-test.
 SPLITS = ("train", "validation", "test")
@@ -225,10 +229,23 @@ def task_spec(name: str) -> TaskSpec:
 
 
 def build_family(config: Any, split: str = "train") -> TaskFamily:
-    """The task distribution p(T) a config trains on (``"train"``), validates on, or is tested on."""
+    """The task distribution p(T) a config trains on (``"train"``), validates on, or is tested on.
+
+    With ``train_tasks = M`` the training split is the run's finite pool of M tasks
+    (:class:`~mamlab.tasks.finite.TaskPool`, drawn from ``POOL_SEED_OFFSET + seed``); validation
+    and test tasks are new tasks of the same distribution.
+    """
     if split not in SPLITS:
         raise MamlabError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    return task_spec(config.task).family(config.task_options, split, config.seed)
+    family = task_spec(config.task).family(config.task_options, split, config.seed)
+    pool_size = getattr(config, "train_tasks", None)
+    if split != "train" or pool_size is None:
+        return family
+    examples = config.train_examples or config.shots + config.queries
+    generator = torch.Generator().manual_seed(POOL_SEED_OFFSET + config.seed)
+    pool = TaskPool(family, pool_size, examples, generator)
+    pool.check(config.shots, config.queries)
+    return pool
 
 
 def build_model(config: Any) -> nn.Module:
