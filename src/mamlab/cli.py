@@ -365,7 +365,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- mamlab sweep
 #: The grid of ``mamlab sweep TASK`` when no grid flag is given: sized to run in minutes on 2 CPU cores.
 SWEEP_DEFAULT_GRID = {"train_tasks": "10,100,1000", "shots": "5,20"}
-#: The sweep's list-valued shorthands for grid keys (``--train-tasks 10,100`` is ``--grid train_tasks=10,100``).
+#: The sweep's list-valued shorthands for grid keys: ``--train-tasks 10,100`` is
+#: ``--grid train_tasks=10,100``.
 SWEEP_SHORTHANDS = ("train_tasks", "shots")
 
 
@@ -466,7 +467,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         given += ["--grid" for _ in args.grid[:1]]
         given += [f"--{k.replace('_', '-')}" for k in _option_values_except(args, ())]
         if given:
-            raise MamlabError(f"{given[0] if given[0] != '--task' else 'TASK'} cannot be given with --resume: "
+            name = given[0] if given[0] != "--task" else "TASK"
+            raise MamlabError(f"{name} cannot be given with --resume: "
                               "the sweep keeps the grid and options of its sweep.json")
         spec = read_spec(args.resume)
         _threads_for(spec.task, args.threads)

@@ -1,4 +1,4 @@
-"""``mamlab sweep``: train a grid of runs, evaluate them on the same episodes, measure how generalization scales.
+"""``mamlab sweep``: train a grid of runs, evaluate them on the same episodes, see how generalization scales.
 
 * ``grid``: the sweep's specification, its runs and their names (``SweepSpec``, ``expand``);
 * ``processes``: which process trains which runs under torchrun (``SweepGroup``);

@@ -96,7 +96,8 @@ def power_law_fit(y: Sequence[float], confidence: float = 0.95, **xs: Sequence[f
         if v.shape != yv.shape or v.ndim != 1:
             raise MamlabError(f"regressor {k} has {v.size} values but y has {yv.size}; give one per point")
         if not np.all(np.isfinite(v) & (v > 0)):
-            raise MamlabError(f"regressor {k} must be finite and > 0 (it goes on a log axis), got {v.tolist()}")
+            raise MamlabError(f"regressor {k} must be finite and > 0 (it goes on a log axis), "
+                              f"got {v.tolist()}")
     keep = np.isfinite(yv) & (yv > 0)
     excluded = int((~keep).sum())
     p = len(cols) + 1
@@ -107,7 +108,8 @@ def power_law_fit(y: Sequence[float], confidence: float = 0.95, **xs: Sequence[f
     logs = {k: np.log(v[keep]) for k, v in cols.items()}
     for k, v in logs.items():
         if np.ptp(v) == 0:
-            raise MamlabError(f"regressor {k} takes one value over the points; a slope in it needs two or more")
+            raise MamlabError(f"regressor {k} takes one value over the points; a slope in it needs two "
+                              "or more")
     x = np.column_stack([np.ones(n), *logs.values()])
     ly = np.log(yv[keep])
     coef, _, rank, _ = np.linalg.lstsq(x, ly, rcond=None)

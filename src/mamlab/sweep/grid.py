@@ -95,7 +95,8 @@ def grid_option(key: str, task: str, algorithms: Sequence[str]) -> Option | None
         return None
     if key == "seed":
         raise MamlabError("seed cannot be a grid key; use --seeds S (seed s trains with --seed + s)")
-    sources: list[tuple[str, Sequence[Option]]] = [("run", RUN_OPTIONS), (f"task {task}", TASKS[task].options)]
+    sources: list[tuple[str, Sequence[Option]]] = [("run", RUN_OPTIONS),
+                                                   (f"task {task}", TASKS[task].options)]
     sources += [(f"algorithm {a}", ALGORITHMS[a].options) for a in algorithms]
     for _, options in sources:
         for o in options:
@@ -157,7 +158,8 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
     check_positive("seeds", spec.seeds, integer=True)
     check_positive("eval_tasks", spec.eval_tasks, integer=True)
     if spec.eval_tasks < 2:
-        raise MamlabError(f"eval_tasks must be at least 2 (confidence intervals need two), got {spec.eval_tasks}")
+        raise MamlabError(f"eval_tasks must be at least 2 (confidence intervals need two), "
+                          f"got {spec.eval_tasks}")
     check_positive("eval_seed", spec.eval_seed, integer=True, allow_zero=True)
     if spec.steps is not None:
         check_positive("steps", spec.steps, integer=True, allow_zero=True)

@@ -41,7 +41,8 @@ THEORY: dict[tuple[str, str], tuple[float, str]] = {
     ("recurring_gap", "M"): (-1.0, "Fallah et al. 2021 predict O(1/(MN)) on recurring tasks"),
     ("recurring_gap", "N"): (-1.0, "Fallah et al. 2021 predict O(1/(MN)) on recurring tasks"),
 }
-_GAP_WORDS = {"gap": "gap on new tasks (new − pool)", "recurring_gap": "gap on recurring tasks (recurring − pool)"}
+_GAP_WORDS = {"gap": "gap on new tasks (new − pool)",
+              "recurring_gap": "gap on recurring tasks (recurring − pool)"}
 _POOL_KEYS = ("train_tasks", "shots", "train_examples")
 
 
@@ -67,7 +68,8 @@ def _freeze(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-def _groups(records: Sequence[Mapping[str, Any]], drop: Sequence[str]) -> dict[tuple, list[Mapping[str, Any]]]:
+def _groups(records: Sequence[Mapping[str, Any]],
+            drop: Sequence[str]) -> dict[tuple, list[Mapping[str, Any]]]:
     out: dict[tuple, list[Mapping[str, Any]]] = {}
     for r in records:
         out.setdefault(tuple((k, _freeze(v)) for k, v in _others(r, drop)), []).append(r)
@@ -225,16 +227,16 @@ def _pool_section(folder: Path, records: Sequence[Mapping[str, Any]], summary: l
             lines = _series(pooled, "train_tasks", lambda r, k=kind: r[k]["mean"], ["train_tasks"], n_label)
             png, hidden = _loglog_figure(folder / f"{kind}_vs_M.png", lines, xlabel="training tasks M",
                                          ylabel=word, title=f"Meta-generalization {word} against M")
-            figures.append(Figure(png, f"The {word} against the number of training tasks M (log-log), one line "
-                                  "per examples per task N; mean over seeds with 95% CI. "
+            figures.append(Figure(png, f"The {word} against the number of training tasks M (log-log), "
+                                  "one line per examples per task N; mean over seeds with 95% CI. "
                                   f"{hidden} mean(s) ≤ 0 not drawn."))
         if vary_n:
-            lines = _series(pooled, "train_examples", lambda r, k=kind: r[k]["mean"], ["shots", "train_examples"],
-                            m_label)
+            lines = _series(pooled, "train_examples", lambda r, k=kind: r[k]["mean"],
+                            ["shots", "train_examples"], m_label)
             png, hidden = _loglog_figure(folder / f"{kind}_vs_N.png", lines, xlabel="examples per task N",
                                          ylabel=word, title=f"Meta-generalization {word} against N")
-            figures.append(Figure(png, f"The {word} against the examples per task N (log-log), one line per M; "
-                                  f"mean over seeds with 95% CI. {hidden} mean(s) ≤ 0 not drawn."))
+            figures.append(Figure(png, f"The {word} against the examples per task N (log-log), one line "
+                                  f"per M; mean over seeds with 95% CI. {hidden} mean(s) ≤ 0 not drawn."))
     if vary_m:
         lines = _series(pooled, "train_tasks", lambda r: r["new"]["loss"], ["train_tasks"], n_label)
         png, _ = _loglog_figure(folder / "new_loss_vs_M.png", lines, xlabel="training tasks M",
@@ -247,18 +249,20 @@ def _pool_section(folder: Path, records: Sequence[Mapping[str, Any]], summary: l
         fits_json[kind] = [_fit_json(f) for f in fits]
         nonpos = sum(f["nonpositive"] for f in fits)
         total = sum(f["points"] for f in fits)
-        text.append(f"{_GAP_WORDS[kind].capitalize()}: {nonpos} of {total} runs have a gap ≤ 0 (the pool loss "
-                    "is not below the new-task loss); they cannot go on a log axis and are left out of the "
-                    "fits, not dropped silently.")
+        other = "new-task" if kind == "gap" else "recurring-task"
+        text.append(f"{_GAP_WORDS[kind].capitalize()}: {nonpos} of {total} runs have a gap ≤ 0 (the pool "
+                    f"loss is not below the {other} loss); they cannot go on a log axis and are left out of "
+                    "the fits, not dropped silently.")
         summary.append(f"{kind}: {nonpos} of {total} runs with a gap ≤ 0 left out of the log-log fits")
         for f in fits:
             where = f" ({_label(f['others'])})" if f["others"] else ""
-            if f["joint"] is not None:
+            if isinstance(f["joint"], str):
+                text.append(f"Joint fit in M and N{where}: no fit ({f['joint']}).")
+            elif f["joint"] is not None:
                 for name in ("M", "N"):
                     line = _slope_text(f["joint"], name, kind)
                     text.append(f"Joint fit log gap = a + b_M log M + b_N log N{where}: {line}.")
-                    if not isinstance(f["joint"], str):
-                        summary.append(f"{kind} {name}-slope{where}: {_short(f['joint'], name, kind)}")
+                    summary.append(f"{kind} {name}-slope{where}: {_short(f['joint'], name, kind)}")
             for label, name, other in (("in_M", "M", "N"), ("in_N", "N", "M")):
                 for item in f[label]:
                     text.append(f"Fit in {name} at {other}={item['at']}{where}: "
@@ -280,9 +284,9 @@ def _pool_section(folder: Path, records: Sequence[Mapping[str, Any]], summary: l
     tables = [Table("Every pool run: losses after the inner steps (95% CI over tasks)", columns, rows)]
     intro = ("Each run meta-trains on a fixed pool of M tasks with N examples each and is scored on its pool "
              "tasks (their own examples), on the pool tasks with fresh examples (recurring, where the task "
-             "family is parametric) and on new tasks, all on episodes drawn with the sweep's evaluation seed. "
-             "The gap is new − pool (Welch's 95% CI over tasks per run); slopes are OLS fits of log gap over "
-             "every seed's run with a t interval.")
+             "family is parametric) and on new tasks, all on episodes drawn with the sweep's evaluation "
+             "seed. The gap is new − pool (Welch's 95% CI over tasks per run); slopes are OLS fits of log "
+             "gap over every seed's run with a t interval.")
     return Section("Meta-generalization against tasks M and examples N", [intro, *text], figures, tables)
 
 
@@ -324,7 +328,8 @@ def _key_sections(folder: Path, spec: SweepSpec, records: Sequence[Mapping[str, 
         png = _key_figure(folder / f"loss_vs_{key}.png", key, xs, lines, ylabel="query loss on new tasks",
                           title=f"New-task loss against {key}")
         ci = "over seeds" if multi_seed else "over tasks (one seed)"
-        rows = [[name, format_value(x), p] for name, pts in lines.items() for x, p in zip(xs, pts, strict=True)]
+        rows = [[name, format_value(x), p] for name, pts in lines.items()
+                for x, p in zip(xs, pts, strict=True)]
         tables = [Table(f"New-task loss against {key} (95% CI {ci})", ["runs", key, "loss"], rows)]
         text = [f"Every run is scored on the same new tasks; the loss is the mean query loss after the inner "
                 f"steps, averaged over seeds with a 95% CI {ci}."]
@@ -334,8 +339,8 @@ def _key_sections(folder: Path, spec: SweepSpec, records: Sequence[Mapping[str, 
                 tables.append(Table("Paired differences between algorithms on the same episodes (loss of the "
                                     "first − loss of the second; 95% CI over tasks)",
                                     ["runs", "seed", "first", "second", "difference"], paired))
-                text.append("Runs that differ only in the algorithm saw the very same evaluation episodes, so "
-                            "their per-task losses are compared pairwise.")
+                text.append("Runs that differ only in the algorithm saw the very same evaluation episodes, "
+                            "so their per-task losses are compared pairwise.")
         sections.append(Section(f"Loss against {key}", text, [Figure(png, f"Query loss on new tasks against "
                                                                           f"{key}; 95% CI {ci}.")], tables))
         best = min(((name, x, p) for name, pts in lines.items() for x, p in zip(xs, pts, strict=True)
@@ -357,7 +362,8 @@ def _paired_rows(records: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                 la, lb = np.asarray(a["new"]["losses"]), np.asarray(b["new"]["losses"])
                 ok = np.isfinite(la) & np.isfinite(lb)
                 diff = paired_difference_ci(la[ok], lb[ok]) if ok.sum() >= 2 else (float("nan"), float("nan"))
-                rows.append([_label(dict(others)), seed, a["values"]["algorithm"], b["values"]["algorithm"], diff])
+                rows.append([_label(dict(others)), seed, a["values"]["algorithm"], b["values"]["algorithm"],
+                             diff])
     return rows
 
 
@@ -374,7 +380,8 @@ def _runs_section(records: Sequence[Mapping[str, Any]]) -> Section:
             row.append((n.get("accuracy", float("nan")), n.get("accuracy_ci95", float("nan"))))
         rows.append(row)
     return Section("Every run", ["The numbers of each run on the sweep's new tasks (95% CI over tasks); "
-                                 "diverged counts tasks whose loss is not finite (the mean is over the others)."],
+                                 "diverged counts tasks whose loss is not finite (the mean is over the "
+                                 "others)."],
                    [], [Table("Runs", columns, rows)])
 
 

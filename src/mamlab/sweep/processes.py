@@ -91,7 +91,8 @@ class SweepGroup:
         count = torch.cuda.device_count()
         if self.local_rank >= count:
             raise DistributedError(f"process with LOCAL_RANK {self.local_rank} needs cuda:{self.local_rank}, "
-                                   f"but this machine has {count} CUDA devices; run at most {count} processes")
+                                   f"but this machine has {count} CUDA devices; run at most {count} "
+                                   "processes")
         return torch.device("cuda", self.local_rank)
 
     def mine(self, count: int) -> list[int]:

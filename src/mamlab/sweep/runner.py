@@ -19,14 +19,17 @@ the results after every process has finished (a shared filesystem is assumed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from mamlab.checkpoint import CheckpointError
@@ -114,7 +117,7 @@ def _evaluate(run: Run, spec: SweepSpec) -> dict[str, Any]:
     if getattr(config, "train_tasks", None) is not None:
         from mamlab.evaluate import pool_gap  # the finite-pool protocol: pool, recurring and new tasks
 
-        parts = pool_gap(algorithm, config, num_tasks=spec.eval_tasks, steps=steps, seed=spec.eval_seed)
+        parts = pool_gap(algorithm, config, num_tasks=spec.eval_tasks, steps=[steps], seed=spec.eval_seed)
     else:
         parts = {"new": evaluate_model(algorithm, config, steps=[steps], num_tasks=spec.eval_tasks,
                                        seed=spec.eval_seed)}
@@ -265,6 +268,39 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, force: bool = False, progress
     problem = group.broadcast_object(problem)
     if problem is not None:
         raise MamlabError(problem)
+    with _stop_signals(out):
+        _train_and_evaluate(group, spec, runs, out, device, requested, progress, echo)
+    group.barrier()  # every run trained and evaluated, by whichever process
+    path = None
+    if group.is_main:
+        records = load_results(out, spec, runs)
+        path = _write_report(out, spec, records)
+        echo(f"sweep of {len(runs)} runs: report written to {path}")
+    group.barrier()
+    return path
+
+
+@contextlib.contextmanager
+def _stop_signals(out: Path) -> Iterator[None]:
+    """SIGTERM between runs (training handles its own) stops the sweep with a one-line message."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise TrainingInterrupted(f"{signal.Signals(signum).name} received between runs; continue the sweep "
+                                  f"with: mamlab sweep --resume {out}")
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _train_and_evaluate(group: SweepGroup, spec: SweepSpec, runs: list[SweepRun], out: Path, device: Any,
+                        requested: Any, progress: bool, echo: Callable[[str], None]) -> None:
+    """Train (or resume, or skip) and evaluate this process's runs."""
     mine = group.mine(len(runs))
     tag = f"[rank {group.rank}] " if group.world_size > 1 else ""
     for count, i in enumerate(mine, 1):
@@ -298,22 +334,16 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, force: bool = False, progress
         evaluate_run(run_dir, spec, device=str(device))
         echo(f"{where}: {status} ({t_train:.1f} s), evaluated ({time.perf_counter() - t0 - t_train:.1f} s) "
              f"[{count}/{len(mine)} of this process]")
-    group.barrier()  # every run trained and evaluated, by whichever process
-    path = None
-    if group.is_main:
-        records = load_results(out, spec, runs)
-        path = _write_report(out, spec, records)
-        echo(f"sweep of {len(runs)} runs: report written to {path}")
-    group.barrier()
-    return path
 
 
-def resume_sweep(out: str | Path, *, progress: bool = False, echo: Callable[[str], None] = print) -> Path | None:
+def resume_sweep(out: str | Path, *, progress: bool = False,
+                 echo: Callable[[str], None] = print) -> Path | None:
     """Continue the sweep in ``out`` with the grid and options of its ``sweep.json``."""
     return run_sweep(read_spec(out), out, progress=progress, echo=echo)
 
 
-def load_results(out: str | Path, spec: SweepSpec, runs: list[SweepRun] | None = None) -> list[dict[str, Any]]:
+def load_results(out: str | Path, spec: SweepSpec,
+                 runs: list[SweepRun] | None = None) -> list[dict[str, Any]]:
     """Every run's record: name, grid values, seed, configuration facts and evaluation numbers.
 
     Raises:
