@@ -61,7 +61,7 @@ def test_grid_values_go_through_the_option_machinery() -> None:
     assert parse_grid_values("inner_lr", "0.001,0.01", "linear-regression", ["maml"]) == [0.001, 0.01]
     assert parse_grid_values("hidden", "40,40;8", "linear-regression", ["maml"]) == [[40, 40], [8]]
     assert parse_grid_values("algorithm", "maml,pretrain", "sinusoid", ["maml"]) == ["maml", "pretrain"]
-    with pytest.raises(MamlabError, match="inner_lr must be a number > 0, got '-1'"):
+    with pytest.raises(MamlabError, match="inner_lr must be a number > 0, got -1.0"):
         parse_grid_values("inner_lr", "0.1,-1", "linear-regression", ["maml"])
     with pytest.raises(MamlabError, match="unknown grid key 'bogus'"):
         parse_grid_values("bogus", "1,2", "linear-regression", ["maml"])

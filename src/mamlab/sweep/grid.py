@@ -187,8 +187,8 @@ def expand(spec: SweepSpec) -> list[SweepRun]:
                 config = resolve_config(spec.task, {}, {**spec.fixed, **options, "seed": seed},
                                         source="sweep", algorithm=algorithm)
             except MamlabError as e:
-                where = ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
-                raise MamlabError(f"sweep run {where}: {e}") from None
+                where = ",".join(f"{k}={format_value(v)}" for k, v in values.items())
+                raise MamlabError(f"sweep run {where}: {str(e).removeprefix('sweep: ')}") from None
             name = ",".join([f"{k}={format_value(v)}" for k, v in values.items()] + [f"seed={seed}"])
             runs.append(SweepRun(len(runs), name, values, seed, config))
     if len({r.name for r in runs}) != len(runs):
