@@ -102,7 +102,7 @@ def grid_option(key: str, task: str, algorithms: Sequence[str]) -> Option | None
         for o in options:
             if o.name == key:
                 return o
-    known = sorted({o.name for _, opts in sources for o in opts} | {"algorithm"})
+    known = sorted(({o.name for _, opts in sources for o in opts} - {"seed"}) | {"algorithm"})
     raise MamlabError(f"unknown grid key {key!r} for task {task!r} with algorithm "
                       f"{', '.join(algorithms)}; allowed: {', '.join(known)}")
 
