@@ -430,7 +430,7 @@ class RunLogger:
 
 #: What a run directory written by mamlab holds; anything else in it belongs to somebody else.
 RUN_ENTRIES = frozenset({"config.json", "metadata.json", "metrics.jsonl", "tensorboard", "checkpoints",
-                         "model.safetensors", "algorithm.safetensors", ".lock"})
+                         "model.safetensors", "algorithm.safetensors", ".lock", "sweep_eval.json"})
 #: The file a writer of a run directory holds an exclusive lock on.
 LOCK_FILE = ".lock"
 

@@ -233,7 +233,7 @@ class _NoLog:
 
 def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = False, force: bool = False,
           progress: bool = True, iterations: int | None = None, changes: Mapping[str, Any] | None = None,
-          echo: Callable[[str], None] = print) -> Run:
+          echo: Callable[[str], None] = print, dist: Distributed | None = None) -> Run:
     """Meta-train per ``config`` into ``out_dir``; ``resume=True`` continues the run there.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process runs this function: each takes its share
@@ -249,6 +249,9 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
         changes: with ``resume``, new values of run options that may change
             (``RESUMABLE_OPTIONS``: device, precision, ...).
         echo: where one-line messages go (rank 0 only).
+        dist: the processes this run is trained on, instead of those the environment names
+            (``Distributed.from_env``); the caller keeps it open. ``Distributed(0, 1, device)``
+            trains on this process alone even under torchrun, as each of a sweep's processes does.
 
     Returns:
         The trained ``Run``.
@@ -270,12 +273,15 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     else:
         config = config.validate()
     device = resolve_device(config.device if config is not None else "auto")
-    dist = Distributed.from_env(device)
+    owned = dist is None
+    if dist is None:
+        dist = Distributed.from_env(device)
     try:
         with contextlib.ExitStack() as held:
             return _train(config, out_dir, dist, resume, force, progress, bool(changes), echo, held)
     finally:
-        dist.close()
+        if owned:
+            dist.close()
 
 
 def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume: bool, force: bool,

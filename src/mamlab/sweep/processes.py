@@ -6,18 +6,16 @@ exists and would split each run's meta-batches across the sweep's processes. ``S
 therefore holds a gloo process group of its own (``torch.distributed.ProcessGroupGloo`` on a
 prefixed copy of torchrun's rendezvous store), used only to agree on the sweep before training
 (rank 0 checks the folder and broadcasts what it found) and to wait for every process after it;
-``single_process()`` makes each ``train`` call see a world of one while it runs.
+each ``train`` call is given ``Distributed(0, 1, device)``, so it trains its run on this process alone.
 
 Rank r trains and evaluates runs ``i`` with ``i % world_size == r``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,12 +24,11 @@ import torch.distributed as tdist
 from mamlab.errors import MamlabError
 from mamlab.runtime import Distributed, DistributedError
 
-__all__ = ["SweepGroup", "single_process", "GROUP_TIMEOUT"]
+__all__ = ["SweepGroup", "GROUP_TIMEOUT"]
 
 #: How long a process waits for the others (one may still be training its last run).
 GROUP_TIMEOUT = datetime.timedelta(days=7)
-_TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE")
+
 
 
 class SweepGroup:
@@ -124,18 +121,3 @@ class SweepGroup:
         if buffer.numel():
             self._run("broadcast", self._group.broadcast(buffer, 0))
         return pickle.loads(buffer.numpy().tobytes())
-
-
-@contextlib.contextmanager
-def single_process() -> Iterator[None]:
-    """Inside: the environment says a world of one, so ``train`` runs this process's run alone."""
-    saved = {k: os.environ.get(k) for k in _TORCHRUN_VARS}
-    os.environ.update({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -38,10 +38,10 @@ from mamlab.errors import MamlabError
 from mamlab.evaluate import EvalResult, evaluate_model
 from mamlab.files import MIB, read_regular, read_regular_text
 from mamlab.runlog import write_json_atomic
-from mamlab.runtime import resolve_device
+from mamlab.runtime import Distributed, resolve_device
 from mamlab.stats import unpaired_difference_ci
 from mamlab.sweep.grid import NOT_COMPARED, SweepRun, SweepSpec, expand, spec_differences
-from mamlab.sweep.processes import SweepGroup, single_process
+from mamlab.sweep.processes import SweepGroup
 from mamlab.train import Run, TrainingInterrupted, load_run, read_config, train
 
 __all__ = ["run_sweep", "resume_sweep", "read_spec", "evaluate_run", "load_results", "model_hash",
@@ -316,16 +316,17 @@ def _train_and_evaluate(group: SweepGroup, spec: SweepSpec, runs: list[SweepRun]
         else:
             quiet = (lambda line: None)  # noqa: E731 - train's own lines would interleave across processes
             try:
-                with single_process():
-                    if (run_dir / "config.json").exists():
-                        _check_run_config(run_dir, run)
-                        moved = override is not None and read_config(run_dir).device != override
-                        changes = {"device": override} if moved else None
-                        train(None, run_dir, resume=True, progress=progress, changes=changes, echo=quiet)
-                        status = "resumed and trained"
-                    else:
-                        train(config, run_dir, progress=progress, echo=quiet)
-                        status = "trained"
+                alone = Distributed(0, 1, device)  # this process trains the run by itself
+                if (run_dir / "config.json").exists():
+                    _check_run_config(run_dir, run)
+                    moved = override is not None and read_config(run_dir).device != override
+                    changes = {"device": override} if moved else None
+                    train(None, run_dir, resume=True, progress=progress, changes=changes, echo=quiet,
+                          dist=alone)
+                    status = "resumed and trained"
+                else:
+                    train(config, run_dir, progress=progress, echo=quiet, dist=alone)
+                    status = "trained"
             except TrainingInterrupted as e:
                 first = str(e).split("; continue with")[0]
                 raise TrainingInterrupted(f"{where}: {first}; continue the sweep with: mamlab sweep --resume "
