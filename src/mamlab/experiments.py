@@ -132,7 +132,8 @@ LINEAR_REGRESSION = TaskSpec(
         Option("noise", "float", 0.0, "standard deviation of the target noise", positive="nonnegative"),
         Option("hard_fraction", "float", 0.0, "share of hard tasks (Collins et al. 2020; 0: none)",
                positive="nonnegative"),
-        Option("hard_scale", "float", 1.0, "hard tasks' input covariance is hard_scale times I", positive=True),
+        Option("hard_scale", "float", 1.0, "hard tasks' input covariance is hard_scale times I",
+               positive=True),
         Option("hard_offset", "float", 0.0, "hard tasks' weights are centred at weight_mean + hard_offset "
                "(every coordinate)"),
     ),

@@ -210,7 +210,8 @@ def excess_loss(theta: torch.Tensor | Sequence[float], family: LinearRegression,
     """F(θ) − F(θ*): how much more θ loses after one inner step than the best initialization."""
     star = maml_optimum(family, inner_lr, shots)
     with torch.no_grad():
-        return float(maml_objective(theta, family, inner_lr, shots) - maml_objective(star, family, inner_lr, shots))
+        return float(maml_objective(theta, family, inner_lr, shots)
+                     - maml_objective(star, family, inner_lr, shots))
 
 
 def maml_advantage(family: LinearRegression, inner_lr: float, shots: int) -> float:
@@ -224,7 +225,8 @@ def linear_parameters(model: torch.nn.Module) -> torch.Tensor:
     params = list(model.parameters())
     if len(params) != 1 or params[0].dim() != 2 or params[0].shape[0] != 1:
         shapes = [tuple(p.shape) for p in params]
-        raise MamlabError(f"the exact theory needs a linear model f(x) = θᵀx (one [1, d] weight), got {shapes}")
+        raise MamlabError(
+            f"the exact theory needs a linear model f(x) = θᵀx (one [1, d] weight), got {shapes}")
     return params[0].detach().to("cpu", _DT).reshape(-1)
 
 
@@ -374,7 +376,8 @@ class SampledLogisticObjective:
             t = t - torch.linalg.solve(torch.func.hessian(self.objective)(t), g)
         g = grad(t)
         if not float(g.norm()) < GRAD_TOL:
-            raise MamlabError(f"the sampled logistic objective did not converge: gradient norm {float(g.norm()):.3g}")
+            raise MamlabError(
+                f"the sampled logistic objective did not converge: gradient norm {float(g.norm()):.3g}")
         b = self.batch
 
         def one(th: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
@@ -391,7 +394,7 @@ class SampledLogisticObjective:
                               float(losses.std() / math.sqrt(self.tasks)), float(g.norm()), self.tasks)
 
     def excess(self, theta: torch.Tensor | Sequence[float]) -> Estimate:
-        """F̂(θ) − F̂(θ̂), paired over the sampled tasks: the mean with its 95% CI as an estimate of F(θ) − F(θ̂)."""
+        """F̂(θ) − F̂(θ̂) paired over the sampled tasks: mean and 95% CI, an estimate of F(θ) − F(θ̂)."""
         with torch.no_grad():
             diff = (self.losses(theta) - self.losses(self.optimum().theta)).numpy()
         mean, hw = mean_ci(diff)
