@@ -108,3 +108,27 @@ def test_classification_uses_the_sampled_optimum_with_its_error(tmp_path, monkey
                                       seed=exact.CLASSIFICATION_SEED)
     assert m["theta_star"] == pytest.approx(obj.optimum().theta.tolist(), abs=1e-9)
     assert "erm_excess" in data["runs"]["pretrain"]
+
+
+def test_the_collins_benchmark_runs_at_a_tiny_size(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "maml_vs_pretrain_linear.py"
+    spec = importlib.util.spec_from_file_location("maml_vs_pretrain_linear", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--out", str(tmp_path), "--scales", "1,0.1", "--offsets", "0,2", "--iterations", "5",
+                      "--tasks", "20", "--dim", "3"])
+    torch.set_num_threads(1)
+    cells = {(c["hard_scale"], c["hard_offset"]): c for c in res["cells"]}
+    assert [abs(cells[k]["exact_advantage"]) < 1e-12 for k in [(1.0, 0.0), (1.0, 2.0), (0.1, 0.0)]] == [True] * 3
+    corner = cells[(0.1, 2.0)]
+    fam = build_family(resolve_config("linear-regression", None, {"dim": 3, "weight_std": 0.5, "hard_fraction": 0.5,
+                                                                  "hard_scale": 0.1, "hard_offset": 2.0}), "test")
+    assert corner["exact_advantage"] == pytest.approx(lt.maml_advantage(fam, 0.3, 10), rel=1e-12) > 0
+    assert corner["measured"]["n"] == 20 and corner["measured"]["ci"] > 0
+    assert corner["maml_excess"] >= 0 and corner["pretrain_excess"] >= 0
+    assert corner["trained_exact_difference"] == pytest.approx(corner["pretrain_excess"] - corner["maml_excess"])
+    assert (tmp_path / "advantage.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((tmp_path / "results.json").read_text())["cells"][3]["hard_offset"] == 2.0
+    assert (tmp_path / "runs" / "s0.1_o2" / "maml" / "config.json").is_file()
