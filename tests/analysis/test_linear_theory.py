@@ -114,7 +114,7 @@ def test_zero_steps_is_the_pooled_loss_pretraining_minimizes():
     batch = fam.sample(60000, 4, 4, torch.Generator().manual_seed(6)).to(dtype=D64)
     x = torch.cat([batch.support_x, batch.query_x], 1)
     y = torch.cat([batch.support_y, batch.query_y], 1)
-    per_task = ((pre.model(x) - y) ** 2).mean((1, 2))
+    per_task = ((pre.model(x) - y) ** 2).mean((1, 2)).detach()
     assert abs(float(pre.meta_loss(batch).detach()) - float(per_task.mean())) < 1e-12
     se = float(per_task.std()) / math.sqrt(per_task.numel())
     assert abs(float(per_task.mean()) - float(lt.erm_objective(theta, fam))) < Z * se
