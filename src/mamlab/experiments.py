@@ -5,7 +5,8 @@ end answer for a run's configuration (anything with ``task``, ``task_options`` a
 a ``mamlab.config.TrainConfig``).
 
 * ``sinusoid``: y = A sin(x − φ) (Finn et al. 2017, section 5.1), the 1-40-40-1 MLP, MSE.
-* ``linear-regression`` / ``linear-classification``: linear models, MSE / logistic loss.
+* ``linear-regression`` / ``linear-classification``: linear models, MSE / logistic loss; regression
+  tasks can mix easy and hard tasks (``hard_fraction``, ``hard_scale``, ``hard_offset``; Collins et al. 2020).
 * ``omniglot``: N-way K-shot Omniglot (Lake et al. 2015; Finn et al. 2017, section 5.2), Conv4.
 """
 
@@ -120,15 +121,32 @@ _COMMON = (
     Option("hidden", "ints", [], "hidden layer sizes (none: a linear model)", positive=True),
 )
 
+def _check_hardness(options: Mapping[str, Any]) -> None:
+    if not 0.0 <= options["hard_fraction"] <= 1.0:
+        raise MamlabError(f"hard_fraction must be in [0, 1], got {options['hard_fraction']!r}")
+    if not math.isfinite(options["hard_offset"]):
+        raise MamlabError(f"hard_offset must be a finite number, got {options['hard_offset']!r}")
+
+
 LINEAR_REGRESSION = TaskSpec(
     name="linear-regression",
     kind="regression",
-    options=(*_COMMON, Option("noise", "float", 0.0, "standard deviation of the target noise",
-                              positive="nonnegative")),
+    options=(
+        *_COMMON,
+        Option("noise", "float", 0.0, "standard deviation of the target noise", positive="nonnegative"),
+        Option("hard_fraction", "float", 0.0, "share of hard tasks (Collins et al. 2020; 0: none)",
+               positive="nonnegative"),
+        Option("hard_scale", "float", 1.0, "hard tasks' input covariance is hard_scale times I",
+               positive=True),
+        Option("hard_offset", "float", 0.0, "hard tasks' weights are centred at weight_mean + hard_offset "
+               "(every coordinate)"),
+    ),
     defaults=_linear_defaults,
-    family=lambda o, split, seed: LinearRegression(o["dim"], o["weight_mean"], o["weight_std"], o["noise"]),
+    family=lambda o, split, seed: LinearRegression(o["dim"], o["weight_mean"], o["weight_std"], o["noise"],
+                                                   o["hard_fraction"], o["hard_scale"], o["hard_offset"]),
     model=_model,
     loss=F.mse_loss,
+    check=_check_hardness,
     small_model=True,
 )
 

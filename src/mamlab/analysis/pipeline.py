@@ -41,6 +41,7 @@ import torch
 
 from mamlab.algorithms import ALGORITHMS, MetaAlgorithm
 from mamlab.analysis import studies as st
+from mamlab.analysis.exact import exact_section, exact_study
 from mamlab.analysis.sections import (
     SectionContext,
     adaptation_section,
@@ -80,7 +81,8 @@ LANDSCAPE_TASKS = 20
 REPRESENTATION_QUERIES = 100
 _FAMILY_KEYS = {
     "sinusoid": ("amplitude", "phase", "x_range", "noise"),
-    "linear-regression": ("dim", "weight_mean", "weight_std", "noise"),
+    "linear-regression": ("dim", "weight_mean", "weight_std", "noise", "hard_fraction", "hard_scale",
+                          "hard_offset"),
     "linear-classification": ("dim", "weight_mean", "weight_std"),
     "omniglot": ("data", "split", "ways"),
 }
@@ -326,6 +328,10 @@ def analyze_runs(
                     r["queries"] = rep.query_x.shape[1]
                     timings[study] = time.perf_counter() - t0
                     sec = representation_section(ctx, r, summary)
+                elif study == "exact":
+                    r = exact_study(loaded, learners[: len(loaded)], heldout)
+                    timings[study] = time.perf_counter() - t0
+                    sec = exact_section(ctx, r, summary)
                 else:  # landscape
                     r = st.landscape(learners, _subset(heldout, LANDSCAPE_TASKS), fixed, seed=seed)
                     timings[study] = time.perf_counter() - t0

@@ -55,6 +55,7 @@ TITLES = {
     "shift": "Distribution shift",
     "representations": "Rapid learning or feature reuse",
     "landscape": "Loss landscape",
+    "exact": "The linear model, exactly",
 }
 
 

@@ -27,6 +27,7 @@ Studies (all on held-out tasks unless stated):
   adaptation, and each layer's relative parameter change (Raghu et al. 2020).
 * :func:`landscape`: top Hessian eigenvalue of the support/query loss at θ and θ', and the
   gradient norm along the inner trajectory.
+* ``exact`` (``mamlab.analysis.exact``): linear models against the exact one-step MAML optimum.
 
 References:
     C. Finn, P. Abbeel, S. Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -104,7 +105,7 @@ __all__ = [
 ]
 
 #: The studies ``mamlab.analysis.pipeline.analyze_runs`` can run, in report order.
-STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape")
+STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape", "exact")
 #: Kinds of learner: trained runs (maml, fomaml, pretrain) and the baselines derived here.
 KINDS = ("maml", "fomaml", "pretrain", "random", "anil")
 #: The randomly initialized baseline is built under ``torch.manual_seed(RANDOM_INIT_SEED_OFFSET + seed)``.
