@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tasks", type=int, default=200, help="held-out tasks (default 200)")
     a.add_argument("--steps", type=int, default=20, help="most inner steps of the adaptation curves (20)")
     a.add_argument("--seed", type=int, default=0, help="evaluation episodes' seed (default 0)")
-    a.add_argument("--studies", help="comma-separated subset of the studies (default: all): adaptation, "
-                   "shots, generalization, shift, representations, landscape")
+    from mamlab.analysis.studies import STUDIES
+
+    a.add_argument("--studies", help="comma-separated subset of the studies (default: all): "
+                   f"{', '.join(STUDIES)}")
     a.add_argument("--force", action="store_true", help="replace an existing report in --out")
     a.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     a.add_argument("--no-progress", action="store_true")
