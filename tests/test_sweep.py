@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch.distributed as tdist
 
+from mamlab.analysis.linear_theory import exact_excess_loss
 from mamlab.cli import main
 from mamlab.errors import MamlabError
 from mamlab.evaluate import evaluate_model, pool_gap
@@ -147,7 +148,12 @@ def test_results_match_evaluating_each_run_directly(finished: Path) -> None:
                                                             rel=1e-12)
         expected = float(direct.losses[steps].mean() - gap["pool"].losses[steps].mean())
         assert record["gap"]["mean"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        # a linear model with one inner step: its exact excess meta-test loss is reported too
+        assert record["exact_excess"]["mean"] == pytest.approx(exact_excess_loss(run.algorithm.model, run.config),
+                                                               rel=1e-12)
+        assert record["exact_excess"]["mean"] > 0
     page = (finished / "index.html").read_text()
+    assert "exact_excess_vs_M.png" in page and "exact F(θ) − F(θ*)" in page
     assert "gap_vs_M.png" in page and "Chen et al. 2020" in page and "Fallah et al. 2021" in page
     assert page.index("<img") < page.index("Fit in M at")  # the figure comes before the numbers
 
