@@ -1278,10 +1278,10 @@ def stability_section(c: SectionContext, r: dict[str, Any], summary: list[str]) 
         cv = curves[n]
         ratio = cv["sharpness"][-1].mean * e["inner_lr"] / 2
         text.append(
-            f"{n} (α = {e['inner_lr']:g}, 2/α = {e['two_over_alpha']:.4g}): the top Hessian eigenvalue of the "
-            f"support loss at θ (training K = {e['training_shots']}) went from {_fmt(cv['sharpness'][0], 1)} "
-            "at iteration "
-            f"{cv['iterations'][0]} to {_fmt(cv['sharpness'][-1], 1)} at iteration {cv['iterations'][-1]}, "
+            f"{n} (α = {e['inner_lr']:g}, 2/α = {e['two_over_alpha']:.4g}): the top Hessian eigenvalue of "
+            f"the support loss at θ (training K = {e['training_shots']}) went from "
+            f"{_fmt(cv['sharpness'][0], 1)} at iteration {cv['iterations'][0]} to "
+            f"{_fmt(cv['sharpness'][-1], 1)} at iteration {cv['iterations'][-1]}, "
             f"{ratio:.2f}× 2/α (largest over the {cv['tasks']} tasks {_num(cv['sharpness_max'][-1], 1)}); "
             f"{cv['above_two_over_alpha'][-1]} of {cv['tasks']} tasks lie above 2/α.")
         k = _reference_shots(e, shots)
