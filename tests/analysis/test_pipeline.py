@@ -88,7 +88,8 @@ def test_end_to_end_report(full_report):
             parent = path.rsplit(".", 1)[0]
             assert parent.endswith(("mean", "ci", "confidence")) or path.endswith(
                 (".mean", ".ci", ".confidence", ".median", ".low", ".high", ".tol", ".inner_lr",
-                 ".divergence_factor")), path
+                 ".divergence_factor", ".two_over_alpha")) or re.search(
+                r"\.stability\..*\.(sharpness_max|converged)\[\d+\]$", path), path  # a max, a fraction
     assert numbers > 300
     # the summary is generated from those numbers
     adapt = res["studies"]["adaptation"]
@@ -191,3 +192,29 @@ def test_analyze_runs_signature_matches_the_demo_and_cli_calls():
                                     "echo", "device"]
     assert re.search(r"analyze_runs\(\[out_dir / \"maml\", out_dir / \"pretrain\"\], out_dir / \"report\", "
                      r"progress=progress,\s*echo=echo, device=device\)", (Path(pipeline.__file__).parents[1] / "demo.py").read_text())
+
+
+def test_stability_section_for_two_runs_with_different_step_sizes(runs, tmp_path):
+    cfg = resolve_config("sinusoid", None, {"iterations": 20, "hidden": [8, 8], "inner_lr": 0.3,
+                                            "checkpoint_every": 10, "val_every": 10, "val_tasks": 5})
+    train(cfg, tmp_path / "alpha0.3", progress=False, echo=lambda s: None)
+    report = analyze_runs([runs["maml"], tmp_path / "alpha0.3"], tmp_path / "rep", studies="stability", **FAST)
+    data = json.loads((report.parent / "results.json").read_text())
+    r = data["results"]["studies"]["stability"]
+    assert list(r["runs"]) == ["MAML (maml)", "MAML (alpha0.3)"] and r["skipped"] == {}
+    a, b = r["runs"]["MAML (maml)"], r["runs"]["MAML (alpha0.3)"]
+    assert a["two_over_alpha"] == pytest.approx(200.0) and b["two_over_alpha"] == pytest.approx(2 / 0.3)
+    assert a["curve"]["iterations"] == [0, 10, 20, 30] and b["curve"]["iterations"] == [0, 10, 20]
+    assert a["curve"]["tasks"] == b["curve"]["tasks"] == FAST["tasks"]  # min(tasks, LANDSCAPE_TASKS)
+    # both runs start from the same seed-0 θ and are probed on the same tasks and start vectors
+    assert a["curve"]["sharpness"][0] == b["curve"]["sharpness"][0]
+    assert r["steps"] == [1, 3] and r["shots"] == [1, 2, 5, 10, 20]  # steps capped at --steps 3
+    for e in (a, b):
+        assert all(sum(c.values()) == FAST["tasks"] for per_k in e["contingency"] for c in per_k)
+        assert [c[-1]["sharp_diverged"] + c[-1]["flat_diverged"] for c in e["contingency"]] == [
+            d[-1] for d in e["diverged"]]
+    section = next(s for s in data["sections"] if s["title"] == "Edge of stability")
+    assert [f["file"] for f in section["figures"]] == ["stability_sharpness.png", "stability_diverged.png"]
+    assert any("2/α = 6.667" in t for t in section["text"])
+    assert sum("sharp × diverged, K = 5" in t["title"] for t in section["tables"]) == 2
+    assert any(line.startswith("Stability (MAML (alpha0.3), α = 0.3)") for line in data["summary"])

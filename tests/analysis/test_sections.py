@@ -6,6 +6,7 @@ from torch import nn
 from mamlab.analysis import sections as sc
 from mamlab.analysis import studies as st
 from mamlab.config import resolve_config
+from mamlab.experiments import build_model
 from mamlab.tasks.base import TaskBatch
 
 
@@ -139,3 +140,50 @@ def test_sharpness_figure_marks_two_over_alpha_and_the_protocol_names_alpha(tmp_
         ["runs/m", "maml", 30, "0.01", 1, "inner_lr=0.01, inner_steps=1"],
         ["runs/s", "metasgd", 20, "learned step sizes", 1, "defaults"]]
     assert sec.tables[2].rows[1][-1] == "2.weight"
+
+
+def test_stability_section_reports_the_two_by_two_table_and_what_it_says(tmp_path):
+    alpha = 0.05
+    cfg = resolve_config("linear-regression", None, {"dim": 3, "inner_lr": alpha})
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    learner = st.Learner("linear", model, cfg, "maml")
+    meta = resolve_config("sinusoid", None, {"hidden": [4], "iterations": 1}, algorithm="metasgd")
+    metasgd = st.Learner("Meta-SGD", st.random_init_model(meta, 0).double(), meta, "metasgd")
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(-1, 1, 1)
+
+    def tasks(k: int) -> TaskBatch:
+        xs = torch.randn(5, k, 3, generator=gen, dtype=torch.float64) * scales
+        xq = torch.randn(5, 6, 3, generator=gen, dtype=torch.float64) * scales
+        a = torch.randn(5, 3, 1, generator=gen, dtype=torch.float64)
+        return TaskBatch(xs, xs @ a, xq, xq @ a)
+
+    r = st.stability([(learner, [(10, model), (0, model)]), (metasgd, [])], {cfg.shots: tasks(cfg.shots)},
+                     {k: tasks(k) for k in (2, 5)}, (1, 10), iters=500, tol=1e-9)
+    ctx = sc.SectionContext(tmp_path, [learner, metasgd], cfg, 5, 10)
+    summary: list[str] = []
+    sec = sc.stability_section(ctx, r, summary)
+    assert sec.title == "Edge of stability"
+    assert [f.path.name for f in sec.figures] == ["stability_sharpness.png", "stability_diverged.png"]
+    assert all(f.path.read_bytes().startswith(b"\x89PNG") for f in sec.figures)
+    assert "dashed: 2/α" in sec.figures[0].caption
+    e = r["runs"]["linear"]
+    cells = e["contingency"][e["shots"].index(5)][-1]
+    two_by_two = next(t for t in sec.tables if t.title.startswith("linear: sharp × diverged, K = 5"))
+    assert [list(row) for row in two_by_two.rows] == [
+        ["λ_max > 2/α (sharp)", cells["sharp_diverged"], cells["sharp_stable"]],
+        ["λ_max ≤ 2/α", cells["flat_diverged"], cells["flat_stable"]]]
+    assert sum(cells.values()) == 5
+    assert any(t.startswith("Skipped Meta-SGD") for t in sec.text)
+    pooled_div = sum(e["contingency"][i][-1]["sharp_diverged"] + e["contingency"][i][-1]["flat_diverged"]
+                     for i in range(2))
+    assert pooled_div > 0 and any(f"of the {pooled_div} diverged tasks had λ_max > 2/α" in t for t in sec.text)
+    counts = " / ".join(str(d) for d in e["diverged"][e["shots"].index(5)])
+    final = sc._fmt(e["curve"]["sharpness"][-1], 1)
+    assert summary == [f"Stability (linear, α = 0.05): final λ_max {final} against 2/α = 40; at K = 5, "
+                       f"{counts} of 5 tasks diverged after 1 / 10 steps."]
+    none = {"sharp_diverged": 0, "sharp_stable": 3, "flat_diverged": 0, "flat_stable": 2}
+    assert sc._predicts(none).startswith("no task diverged")
+    exact = {"sharp_diverged": 2, "sharp_stable": 0, "flat_diverged": 0, "flat_stable": 3}
+    assert sc._predicts(exact).endswith("separates diverged from stable tasks exactly")

@@ -53,6 +53,7 @@ from mamlab.analysis.sections import (
     shift_section,
     shots_section,
     skipped_section,
+    stability_section,
 )
 from mamlab.checkpoint import list_checkpoints
 from mamlab.config import TrainConfig
@@ -328,6 +329,10 @@ def analyze_runs(
                     r["queries"] = rep.query_x.shape[1]
                     timings[study] = time.perf_counter() - t0
                     sec = representation_section(ctx, r, summary)
+                elif study == "stability":
+                    r = _stability(loaded, learners, heldout, heldout_family, tasks, seed, fixed)
+                    timings[study] = time.perf_counter() - t0
+                    sec = stability_section(ctx, r, summary)
                 elif study == "exact":
                     r = exact_study(loaded, learners[: len(loaded)], heldout)
                     timings[study] = time.perf_counter() - t0
@@ -406,6 +411,28 @@ def _snapshots(run: Run) -> list[tuple[int, MetaAlgorithm]]:
         loaded = load_run(run.path, checkpoint=p, device=next(run.model.parameters()).device)
         snaps.append((int(loaded.iteration or 0), loaded.algorithm))
     return snaps
+
+
+#: Inner step counts of the stability study's divergence count (capped at the fixed steps).
+STABILITY_STEPS = (1, 5, 10)
+
+
+def _stability(loaded: Sequence[Run], learners: Sequence[st.Learner], heldout: TaskBatch, family: Any,
+               tasks: int, seed: int, fixed: int) -> dict[str, Any]:
+    """The stability study on every run: its checkpoints on ``LANDSCAPE_TASKS`` tasks at its training K,
+    and divergence at the final θ on the shot sweep's episodes (the same tasks for every K and run)."""
+    cfg = loaded[0].config
+    curve_batches = {cfg.shots: _subset(heldout, LANDSCAPE_TASKS)}
+    for run in loaded:
+        k = run.config.shots
+        if k not in curve_batches:
+            curve_batches[k] = _subset(st.episodes(family, tasks, k, cfg.queries, eval_generator(seed)),
+                                       LANDSCAPE_TASKS)
+    entries = [(lr, (_snapshots(run) or [(int(run.iteration or 0), run.algorithm)])
+                if st.single_inner_lr(lr) is not None else [])  # runs without one α are skipped
+               for lr, run in zip(learners, loaded, strict=False)]
+    steps = sorted({min(s, fixed) for s in STABILITY_STEPS})
+    return st.stability(entries, curve_batches, _shot_batches(family, cfg, tasks, seed), steps, seed=seed)
 
 
 def _shift_conditions(

@@ -30,7 +30,7 @@ from mamlab.analysis import studies as st
 from mamlab.config import TrainConfig
 from mamlab.experiments import is_classification
 from mamlab.report.html import Figure, Section, Table, format_value
-from mamlab.report.plots import layer_bar_chart, line_plot_ci, method_colors
+from mamlab.report.plots import curves_with_thresholds, layer_bar_chart, line_plot_ci, method_colors
 from mamlab.stats import Estimate, Median
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "shift_section",
     "representation_section",
     "landscape_section",
+    "stability_section",
     "cost_section",
     "protocol_section",
     "skipped_section",
@@ -55,6 +56,7 @@ TITLES = {
     "shift": "Distribution shift",
     "representations": "Rapid learning or feature reuse",
     "landscape": "Loss landscape",
+    "stability": "Edge of stability",
     "exact": "The linear model, exactly",
 }
 
@@ -200,11 +202,7 @@ def _neg(e: Estimate | Median) -> Estimate | Median:
 
 def _single_lr(learner: st.Learner) -> float | None:
     """The learner's inner step size α where it has a single positive one, else None (e.g. learned ones)."""
-    try:
-        lr = learner.inner_lr
-    except (TypeError, ValueError, RuntimeError):  # e.g. a step size per parameter
-        return None
-    return lr if lr is not None and math.isfinite(lr) and lr > 0 else None
+    return st.single_inner_lr(learner)
 
 
 def _two_over_alpha(inner_lrs: dict[str, float | None], names: Sequence[str]) -> dict[str, float]:
@@ -1164,3 +1162,140 @@ def skipped_section(study: str, reason: str) -> Section:
         The section: its title and the reason.
     """
     return Section(TITLES[study], [reason + "."])
+
+
+def _reference_shots(run: dict[str, Any], shots: Sequence[int]) -> int:
+    """A run's K for its 2×2 table: 5 (Finn et al.'s test K), else its training K, else the first measured."""
+    for k in (5, run["training_shots"]):
+        if k in shots:
+            return k
+    return shots[0]
+
+
+def _predicts(cells: dict[str, int]) -> str:
+    """One sentence on what a 2×2 table (sharp × diverged) says about λ_max > 2/α as a predictor."""
+    div = cells["sharp_diverged"] + cells["flat_diverged"]
+    sharp = cells["sharp_diverged"] + cells["sharp_stable"]
+    if div == 0:
+        return ("no task diverged, so these tasks cannot test whether λ_max > 2/α predicts divergence"
+                + (f" ({sharp} were sharp and still converged)" if sharp else ""))
+    caught = cells["sharp_diverged"]
+    text = (f"{caught} of the {div} diverged tasks had λ_max > 2/α, and {caught} of the {sharp} sharp tasks "
+            "diverged")
+    if caught == div and caught == sharp:
+        return text + ": the threshold separates diverged from stable tasks exactly"
+    if caught == div:
+        return text + ": every diverged task was sharp, but sharpness at θ alone does not make a task diverge"
+    if caught == 0:
+        return (text + ": the curvature at θ does not predict which tasks diverge (it changes along the "
+                "inner trajectory)")
+    return text + ": the threshold flags some, not all, of the diverging tasks"
+
+
+def stability_section(c: SectionContext, r: dict[str, Any], summary: list[str]) -> Section:
+    """The edge of stability (``studies.stability``): λ_max over training against 2/α, and divergence."""
+    runs, skipped = r["runs"], r["skipped"]
+    text: list[str] = []
+    for name, reason in skipped.items():
+        text.append(f"Skipped {name}: {reason}.")
+    if not runs:
+        return Section(TITLES["stability"], text or ["No run with a single inner step size was given."])
+    steps, shots = r["steps"], r["shots"]
+    last = len(steps) - 1
+    curves = {n: e["curve"] for n, e in runs.items()}
+    mc = {n: _mc(cv["sharpness"]) for n, cv in curves.items()}
+    drawable = {n: (cv["iterations"], *mc[n]) for n, cv in curves.items() if mc[n] is not None}
+    figs: list[Figure] = []
+    if drawable:
+        values = [v for _, m, _ in drawable.values() for v in m]
+        values += [runs[n]["two_over_alpha"] for n in drawable]
+        values += [v for n in drawable for v in curves[n]["sharpness_max"]]
+        logy = min(values) > 0 and max(values) / min(values) > 20
+        colors = {n: c.colors.get(n, "#555555") for n in drawable}
+        path = curves_with_thresholds(
+            c.tmp / "stability_sharpness.png", drawable, {n: runs[n]["two_over_alpha"] for n in drawable},
+            maxima={n: curves[n]["sharpness_max"] for n in drawable}, colors=colors, logy=logy,
+            xlabel="training iteration", ylabel="top Hessian eigenvalue of the support loss at θ",
+            title=f"Sharpness over training ({r['curve_tasks']} tasks, training K)")
+        figs.append(Figure(path, "Largest Hessian eigenvalue λ_max of each held-out task's support loss at "
+                                 "the meta-learned θ, at each checkpoint (the same tasks throughout): mean "
+                                 "with 95% CI band, dotted the largest over the tasks; dashed: 2/α of each "
+                                 "run, above which one inner gradient step of size α overshoots along the "
+                                 "top eigenvector of a quadratic."
+                                 + (" Logarithmic y axis." if logy else "")))
+    ns = steps[last]
+    div_series = {f"{n}: diverged": ([float(d[last]) for d in e["diverged"]], [0.0] * len(shots))
+                  for n, e in runs.items()}
+    div_series.update({f"{n}: λ_max > 2/α": ([float(s) for s in e["sharp"]], [0.0] * len(shots))
+                       for n, e in runs.items()})
+    figs.append(Figure(
+        line_plot_ci(c.tmp / "stability_diverged.png", shots, div_series, xlabel="support points K",
+                     ylabel="tasks", title=f"Diverged after {ns} steps vs sharp tasks at θ", integer_x=True),
+        f"Of the {runs[next(iter(runs))]['tasks'][0]} held-out tasks per K: those whose query loss diverged "
+        f"after {ns} inner steps (not finite or above {st.DIVERGENCE_FACTOR:g}× its step-0 loss) and those "
+        "whose support loss at the final θ has λ_max > 2/α (counts, no interval)."))
+    curve_rows = []
+    for n, e in runs.items():
+        cv = curves[n]
+        curve_rows.append([n, f"{e['inner_lr']:g}", round(e["two_over_alpha"], 3), cv["iterations"][0],
+                           cv["sharpness"][0], cv["iterations"][-1], cv["sharpness"][-1],
+                           round(cv["sharpness_max"][-1], 3),
+                           f"{cv['above_two_over_alpha'][-1]} of {cv['tasks']}", cv["converged"][-1]])
+    div_rows = []
+    for n, e in runs.items():
+        for i, k in enumerate(shots):
+            div_rows.append([n, k, e["sharpness"][i], round(e["sharpness_max"][i], 3),
+                             f"{e['sharp'][i]} of {e['tasks'][i]}", *e["diverged"][i]])
+    tables = [
+        Table("Sharpness over training (support loss at θ, training K)",
+              ["run", "α", "2/α", "first iteration", "λ_max (mean ± CI)", "final iteration",
+               "λ_max (mean ± CI)", "max over tasks", "tasks > 2/α", "converged"], curve_rows,
+              note=f"Power iteration per task: at most {r['iters']} Hessian-vector products, relative "
+                   f"residual tolerance {r['tol']}; converged: fraction of tasks that met it at the final "
+                   "checkpoint."),
+        Table("Diverged tasks against support points and inner steps (final θ)",
+              ["run", "K", "λ_max (mean ± CI)", "max", "tasks > 2/α",
+               *[f"diverged after {s}" for s in steps]],
+              div_rows,
+              note=f"Diverged: query loss not finite or above {st.DIVERGENCE_FACTOR:g}× the task's step-0 "
+                   "loss."),
+    ]
+    for n, e in runs.items():
+        k = _reference_shots(e, shots)
+        cells = e["contingency"][shots.index(k)][last]
+        tables.append(Table(
+            f"{n}: sharp × diverged, K = {k}, {ns} steps",
+            ["support loss at θ", f"diverged after {ns} steps", "not diverged"],
+            [["λ_max > 2/α (sharp)", cells["sharp_diverged"], cells["sharp_stable"]],
+             ["λ_max ≤ 2/α", cells["flat_diverged"], cells["flat_stable"]]],
+            note=f"Tasks counted; α = {e['inner_lr']:g}, 2/α = {e['two_over_alpha']:.4g}."))
+    all_rows = [[n, k, *[cell[key] for key in st.CONTINGENCY_CELLS]]
+                for n, e in runs.items() for i, k in enumerate(shots) for cell in [e["contingency"][i][last]]]
+    tables.append(Table(f"Sharp × diverged at every K ({ns} steps)",
+                        ["run", "K", "sharp, diverged", "sharp, not", "not sharp, diverged",
+                         "not sharp, not"],
+                        all_rows))
+    for n, e in runs.items():
+        cv = curves[n]
+        ratio = cv["sharpness"][-1].mean * e["inner_lr"] / 2
+        text.append(
+            f"{n} (α = {e['inner_lr']:g}, 2/α = {e['two_over_alpha']:.4g}): the top Hessian eigenvalue of "
+            f"the support loss at θ (training K = {e['training_shots']}) went from "
+            f"{_fmt(cv['sharpness'][0], 1)} at iteration {cv['iterations'][0]} to "
+            f"{_fmt(cv['sharpness'][-1], 1)} at iteration {cv['iterations'][-1]}, "
+            f"{ratio:.2f}× 2/α (largest over the {cv['tasks']} tasks {_num(cv['sharpness_max'][-1], 1)}); "
+            f"{cv['above_two_over_alpha'][-1]} of {cv['tasks']} tasks lie above 2/α.")
+        k = _reference_shots(e, shots)
+        i = shots.index(k)
+        counts = " / ".join(str(d) for d in e["diverged"][i])
+        pooled = {key: sum(e["contingency"][j][last][key] for j in range(len(shots)))
+                  for key in st.CONTINGENCY_CELLS}
+        text.append(
+            f"At the final θ with K = {k}, {counts} of {e['tasks'][i]} tasks diverged after "
+            f"{' / '.join(str(s) for s in steps)} steps; over K = {', '.join(str(s) for s in shots)} and "
+            f"{ns} steps, {_predicts(pooled)}.")
+        summary.append(
+            f"Stability ({n}, α = {e['inner_lr']:g}): final λ_max {_fmt(cv['sharpness'][-1], 1)} against "
+            f"2/α = {e['two_over_alpha']:.4g}; at K = {k}, {counts} of {e['tasks'][i]} tasks diverged after "
+            f"{' / '.join(str(s) for s in steps)} steps.")
+    return Section(TITLES["stability"], text, figs, tables)

@@ -27,6 +27,9 @@ Studies (all on held-out tasks unless stated):
   adaptation, and each layer's relative parameter change (Raghu et al. 2020).
 * :func:`landscape`: top Hessian eigenvalue of the support/query loss at θ and θ', and the
   gradient norm along the inner trajectory.
+* :func:`stability`: the edge of stability: the support loss's top Hessian eigenvalue across a
+  run's checkpoints against 2/α, and at the final θ the diverged tasks against K and inner steps,
+  with the 2×2 table of sharp (λ_max > 2/α) × diverged tasks.
 * ``exact`` (``mamlab.analysis.exact``): linear models against the exact one-step MAML optimum.
 
 References:
@@ -59,6 +62,7 @@ from mamlab.analysis.representations import (
 )
 from mamlab.analysis.similarity import cca_similarity, linear_cka
 from mamlab.config import TrainConfig
+from mamlab.core.execution import TaskEngine
 from mamlab.core.losses import per_task_loss
 from mamlab.core.params import forward, parameters_of
 from mamlab.errors import MamlabError, check_positive
@@ -102,10 +106,18 @@ __all__ = [
     "distribution_shift",
     "representation_change",
     "landscape",
+    "CONTINGENCY_CELLS",
+    "single_inner_lr",
+    "support_sharpness",
+    "stability_contingency",
+    "sharpness_trajectory",
+    "divergence_and_sharpness",
+    "stability",
 ]
 
 #: The studies ``mamlab.analysis.pipeline.analyze_runs`` can run, in report order.
-STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape", "exact")
+STUDIES = ("adaptation", "shots", "generalization", "shift", "representations", "landscape", "stability",
+           "exact")
 #: Kinds of learner: trained runs (maml, fomaml, pretrain) and the baselines derived here.
 KINDS = ("maml", "fomaml", "pretrain", "random", "anil")
 #: The randomly initialized baseline is built under ``torch.manual_seed(RANDOM_INIT_SEED_OFFSET + seed)``.
@@ -768,4 +780,269 @@ def landscape(learners: Sequence[Learner], batch: TaskBatch, steps: int, seed: i
             "converged": estimate_finite(np.asarray(conv, dtype=np.float64)),
             "grad_norm": [estimate_finite(g[:, s]) for s in range(steps + 1)],
         }
+    return out
+
+
+# ---------------------------------------------------------------------- 7. stability (edge of stability)
+#: Tasks whose support-loss top eigenvalue exceeds 2/α are "sharp"; the contingency table's cells.
+CONTINGENCY_CELLS = ("sharp_diverged", "sharp_stable", "flat_diverged", "flat_stable")
+
+
+def single_inner_lr(learner: Learner) -> float | None:
+    """The learner's inner step size α where it has a single positive one, else None (learned step sizes)."""
+    try:
+        lr = learner.inner_lr
+    except (TypeError, ValueError, RuntimeError):  # e.g. a step size per parameter
+        return None
+    return lr if lr is not None and math.isfinite(lr) and lr > 0 else None
+
+
+def _task_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per task i: Σ over tensors of ⟨a[i], b[i]⟩ (tensors shaped ``[T, ...]``) → ``[T]``."""
+    return sum((x * y).flatten(1).sum(1) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
+
+
+def _batched_power_iteration(op: Callable[[list[torch.Tensor]], list[torch.Tensor]], v: list[torch.Tensor],
+                             iters: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest-magnitude eigenvalue of each task's block of a block-diagonal symmetric ``op``.
+
+    ``v`` holds ``[T, ...]`` tensors, unit norm per task. A task stops moving once its residual
+    ‖H v − λ v‖ <= tol·|λ| (or H v = 0); returns (eigenvalues ``[T]``, converged ``[T]``).
+    """
+    num = v[0].shape[0]
+    eig = torch.zeros(num, dtype=torch.float64, device=v[0].device)
+    done = torch.zeros(num, dtype=torch.bool, device=v[0].device)
+    for _ in range(iters):
+        hv = op(v)
+        norm = _task_dot(hv, hv).sqrt()
+        rq = _task_dot(v, hv)
+        r = [h - _bcast(rq, h) * x for h, x in zip(hv, v, strict=True)]
+        resid = _task_dot(r, r).sqrt()
+        now = (resid <= tol * rq.abs()) | (norm == 0)
+        eig = torch.where(done, eig, rq.double())
+        done = done | now
+        if bool(done.all()):
+            break
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        v = [torch.where(_bcast(done, x), x, h / _bcast(safe, h)) for h, x in zip(hv, v, strict=True)]
+    return eig, done
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def support_sharpness(learner: Learner, batch: TaskBatch, seed: int = 0, iters: int = 100,
+                      tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """Per task: the top Hessian eigenvalue of its support loss at the learner's θ, and whether it converged.
+
+    The Hessian is taken with respect to the parameters the learner adapts (all for MAML, the
+    head for ANIL). All tasks are handled at once: the sum of the task losses, each at its own
+    copy of θ, has a block-diagonal Hessian whose blocks are the tasks' Hessians, so one
+    Hessian-vector product (double backward) serves every task; the task losses run on the
+    algorithm's own execution path (batched, vmap or a loop). Power iteration per block, with
+    the same shift as ``analysis.landscape.top_hessian_eigenvalue(which="algebraic")`` for blocks
+    whose largest-magnitude eigenvalue is negative. The random start vectors come from ``seed``
+    alone, so the same tasks get the same starts at every checkpoint and for every run.
+
+    Args:
+        learner: the network and the parameters it adapts.
+        batch: the tasks (their support sets are used).
+        seed: seeds the start vectors.
+        iters: most Hessian-vector products per power-iteration run (>= 1).
+        tol: relative residual tolerance (> 0).
+
+    Returns:
+        ``(eigenvalues [T], converged [T])`` as float64 and bool arrays.
+    """
+    check_positive("iters", iters, integer=True)
+    check_positive("tol", tol)
+    model, loss_fn = learner.model, loss_for(learner.config)
+    first = next(model.parameters())
+    b = batch.to(device=first.device, dtype=first.dtype)
+    names = learner.inner_params
+    theta = parameters_of(model, names)
+    num = b.num_tasks
+    leaves = [p.detach().unsqueeze(0).repeat(num, *([1] * p.dim())).requires_grad_(True)
+              for p in theta.values()]
+    engine = getattr(learner.algorithm, "engine", None)  # the algorithm's batched execution path
+    with torch.enable_grad():
+        if isinstance(engine, TaskEngine):
+            shared = {k: p.detach() for k, p in parameters_of(model).items() if k not in theta}
+            total = engine.losses(dict(zip(theta, leaves, strict=True)), shared, b.support_x, b.support_y,
+                                  engine.path(first.device)).sum()
+        else:
+            total = sum(loss_fn(forward(model, dict(zip(theta, (t[i] for t in leaves), strict=True)),
+                                        b.support_x[i]), b.support_y[i]) for i in range(num))
+        grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+    active = [g is not None and g.requires_grad for g in grads]
+    outs = [g for g, a in zip(grads, active, strict=True) if a]
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not outs:  # the loss is at most linear in every parameter: H = 0
+            return [torch.zeros_like(p) for p in leaves]
+        vs = [x for x, a in zip(v, active, strict=True) if a]
+        hv = torch.autograd.grad(outs, leaves, grad_outputs=vs, retain_graph=True, allow_unused=True)
+        return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, leaves, strict=True)]
+
+    gen = torch.Generator().manual_seed(int(seed))
+    start = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in leaves]
+    norm = _task_dot(start, start).sqrt()
+    start = [s / _bcast(norm, s) for s in start]
+    eig, ok = _batched_power_iteration(hvp, start, iters, tol)
+    negative = eig < 0
+    if bool(negative.any()):
+        shift = torch.where(negative, eig, torch.zeros_like(eig)).to(first.dtype)
+
+        def shifted(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [h - _bcast(shift, x) * x for h, x in zip(hvp(v), v, strict=True)]
+
+        eig2, ok2 = _batched_power_iteration(shifted, start, iters, tol)
+        eig = torch.where(negative, eig2 + shift.double(), eig)
+        ok = torch.where(negative, ok & ok2, ok)
+    return eig.cpu().numpy(), ok.cpu().numpy()
+
+
+def stability_contingency(sharp: np.ndarray | Sequence[bool], diverged_tasks: np.ndarray | Sequence[bool]
+                          ) -> dict[str, int]:
+    """Tasks counted by sharp (λ_max > 2/α) or not × diverged or not: the 2×2 table, ``CONTINGENCY_CELLS``."""
+    s = np.asarray(sharp, dtype=bool)
+    d = np.asarray(diverged_tasks, dtype=bool)
+    if s.shape != d.shape or s.ndim != 1:
+        raise MamlabError(f"sharp and diverged must be 1-D and of one length, got shapes {s.shape} and "
+                          f"{d.shape}")
+    return {"sharp_diverged": int((s & d).sum()), "sharp_stable": int((s & ~d).sum()),
+            "flat_diverged": int((~s & d).sum()), "flat_stable": int((~s & ~d).sum())}
+
+
+def sharpness_trajectory(snapshots: Sequence[tuple[int, nn.Module | MetaAlgorithm]], config: TrainConfig,
+                         batch: TaskBatch, *, kind: str = "maml", seed: int = 0, iters: int = 100,
+                         tol: float = 1e-3) -> dict[str, Any]:
+    """The support loss's top Hessian eigenvalue at θ across a run's checkpoints, on the same tasks.
+
+    Args:
+        snapshots: ``(iteration, algorithm or network)`` pairs, e.g. a run's checkpoints, any order.
+        config: the run's configuration (its α is the algorithm's ``inner_lr``).
+        batch: the tasks (the same for every checkpoint; the run's training K support points).
+        kind: the learner kind.
+        seed, iters, tol: as :func:`support_sharpness`.
+
+    Returns:
+        ``iterations`` ascending; per checkpoint ``sharpness`` (Estimate over tasks),
+        ``sharpness_median`` (Median), ``sharpness_max``, ``above_two_over_alpha`` (tasks with
+        λ_max > 2/α) and ``converged`` (fraction of tasks whose power iteration met ``tol``);
+        ``inner_lr``, ``two_over_alpha`` and ``tasks``.
+    """
+    if not snapshots:
+        raise MamlabError("no checkpoints given; the run needs at least one")
+    snaps = sorted(snapshots, key=lambda s: s[0])
+    out: dict[str, Any] = {"iterations": [int(it) for it, _ in snaps], "tasks": batch.num_tasks,
+                           "sharpness": [], "sharpness_median": [], "sharpness_max": [],
+                           "above_two_over_alpha": [], "converged": []}
+    lr = None
+    for it, model in snaps:
+        learner = Learner(f"iter {it}", model, config, kind)
+        lr = single_inner_lr(learner)
+        if lr is None:
+            raise MamlabError(f"the {config.algorithm} run has no single inner step size; 2/α is undefined")
+        lam, ok = support_sharpness(learner, batch, seed, iters, tol)
+        out["sharpness"].append(estimate_finite(lam))
+        out["sharpness_median"].append(median_estimate(lam))
+        out["sharpness_max"].append(float(np.max(lam)))
+        out["above_two_over_alpha"].append(int((lam > 2.0 / lr).sum()))
+        out["converged"].append(float(ok.mean()))
+    out["inner_lr"], out["two_over_alpha"] = lr, 2.0 / lr  # type: ignore[operator]
+    return out
+
+
+def divergence_and_sharpness(learner: Learner, batches: Mapping[int, TaskBatch], steps: Sequence[int],
+                             *, seed: int = 0, iters: int = 100, tol: float = 1e-3) -> dict[str, Any]:
+    """At the learner's θ, per number of support points K: diverged tasks after each step count, and λ_max.
+
+    A task diverged after s steps when its query loss is not finite or above
+    ``DIVERGENCE_FACTOR`` × its step-0 query loss (:func:`diverged`). It is *sharp* when the top
+    Hessian eigenvalue of its support loss at θ exceeds 2/α (:func:`support_sharpness`): for a
+    quadratic loss exactly the condition under which gradient descent at α diverges.
+
+    Args:
+        learner: a learner with a single inner step size α.
+        batches: K → the tasks with K support points (the same tasks for every K, ideally).
+        steps: inner step counts (>= 1).
+        seed, iters, tol: as :func:`support_sharpness`.
+
+    Returns:
+        ``shots`` (ascending) and ``steps``; per K (lists aligned with ``shots``): ``tasks``,
+        ``diverged`` (one count per step count), ``sharpness`` (Estimate), ``sharpness_max``,
+        ``sharp`` (tasks above 2/α), ``converged`` (fraction), ``contingency`` (one
+        :func:`stability_contingency` per step count); and ``inner_lr``, ``two_over_alpha``.
+    """
+    lr = single_inner_lr(learner)
+    if lr is None:
+        raise MamlabError(f"learner {learner.name!r} has no single inner step size; 2/α is undefined")
+    steps = sorted({int(s) for s in steps})
+    if not steps or steps[0] < 1:
+        raise MamlabError(f"steps must be integers >= 1, got {steps!r}")
+    if not batches:
+        raise MamlabError("no task batches given; pass one per number of support points")
+    shots = sorted(batches)
+    out: dict[str, Any] = {"shots": shots, "steps": steps, "inner_lr": lr, "two_over_alpha": 2.0 / lr,
+                           "tasks": [], "diverged": [], "sharpness": [], "sharpness_max": [], "sharp": [],
+                           "converged": [], "contingency": []}
+    for k in shots:
+        batch = batches[k]
+        scores = adaptation_scores(learner, batch, steps[-1])
+        q0 = scores.q0()
+        lam, ok = support_sharpness(learner, batch, seed, iters, tol)
+        sharp = lam > 2.0 / lr
+        div = [diverged(scores.query_loss[:, s], q0) for s in steps]
+        out["tasks"].append(batch.num_tasks)
+        out["diverged"].append([int(d.sum()) for d in div])
+        out["sharpness"].append(estimate_finite(lam))
+        out["sharpness_max"].append(float(np.max(lam)))
+        out["sharp"].append(int(sharp.sum()))
+        out["converged"].append(float(ok.mean()))
+        out["contingency"].append([stability_contingency(sharp, d) for d in div])
+    return out
+
+
+def stability(entries: Sequence[tuple[Learner, Sequence[tuple[int, nn.Module | MetaAlgorithm]]]],
+              curve_batches: Mapping[int, TaskBatch], shot_batches: Mapping[int, TaskBatch],
+              steps: Sequence[int] = (1, 5, 10), *, seed: int = 0, iters: int = 100,
+              tol: float = 1e-3) -> dict[str, Any]:
+    """The edge of stability: λ_max of the support loss over training against 2/α, and divergence.
+
+    For each run (a learner and its checkpoints): :func:`sharpness_trajectory` on
+    ``curve_batches[K]`` at the run's training K, then :func:`divergence_and_sharpness` at the
+    final θ on ``shot_batches``. Runs without a single inner step size (Meta-SGD's learned ones)
+    are skipped with the reason.
+
+    Args:
+        entries: ``(learner, snapshots)`` per run: its checkpoints as ``(iteration, algorithm)``
+            pairs (at least one; the last is the final θ, the learner's own).
+        curve_batches: K → the tasks of the training curve (keys must cover every run's K).
+        shot_batches: K → the tasks of the divergence count.
+        steps: inner step counts of the divergence count.
+        seed, iters, tol: as :func:`support_sharpness`.
+
+    Returns:
+        ``runs`` (name → ``kind``, ``training_shots``, ``curve`` and the divergence dict's keys),
+        ``skipped`` (name → reason), ``steps``, ``shots``, ``curve_tasks``, ``divergence_factor``.
+    """
+    _names([lr for lr, _ in entries])
+    out: dict[str, Any] = {"runs": {}, "skipped": {}, "steps": sorted({int(s) for s in steps}),
+                           "shots": sorted(shot_batches), "divergence_factor": DIVERGENCE_FACTOR,
+                           "curve_tasks": None, "iters": iters, "tol": tol}
+    for learner, snaps in entries:
+        if single_inner_lr(learner) is None:
+            out["skipped"][learner.name] = (f"{learner.name} ({learner.config.algorithm}) has no single "
+                                            "inner step size α (it learns its step sizes): 2/α is undefined")
+            continue
+        k = learner.config.shots
+        if k not in curve_batches:
+            raise MamlabError(f"no curve tasks with K={k} support points; given K in {sorted(curve_batches)}")
+        curve = sharpness_trajectory(snaps, learner.config,
+                                     curve_batches[k], kind=learner.kind, seed=seed, iters=iters, tol=tol)
+        out["curve_tasks"] = curve["tasks"]
+        grid = divergence_and_sharpness(learner, shot_batches, steps, seed=seed, iters=iters, tol=tol)
+        out["runs"][learner.name] = {"kind": learner.kind, "training_shots": k, "curve": curve, **grid}
     return out

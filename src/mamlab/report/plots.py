@@ -27,7 +27,8 @@ from matplotlib.ticker import MaxNLocator
 
 from mamlab.errors import MamlabError
 
-__all__ = ["PALETTE", "DPI", "method_colors", "line_plot_ci", "bar_chart_ci", "layer_bar_chart"]
+__all__ = ["PALETTE", "DPI", "method_colors", "line_plot_ci", "bar_chart_ci", "layer_bar_chart",
+           "curves_with_thresholds"]
 
 DPI = 120
 # Okabe–Ito, distinguishable under the common colour-vision deficiencies, then tab10's extras.
@@ -261,4 +262,65 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         ax.set_ylim(*ylim)
     if len(names) > 1 or errors or hlines:
         fig.legend(frameon=False, loc="outside right upper")
+    return _save(fig, path)
+
+
+def curves_with_thresholds(path: str | Path,
+                           series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                           thresholds: Mapping[str, float], *, xlabel: str, ylabel: str, title: str,
+                           maxima: Mapping[str, Sequence[float]] | None = None,
+                           colors: Mapping[str, str] | None = None, logy: bool = False,
+                           integer_x: bool = True, threshold_label: str = "2/α") -> Path:
+    """Curves each on its own x values, with CI bands and a dashed horizontal threshold in its colour.
+
+    E.g. the top Hessian eigenvalue against the training iteration for runs with different step
+    sizes, each with its line at 2/α.
+
+    Args:
+        path: where to write the PNG.
+        series: curve name → ``(x, means, half_widths)``, the three of one length.
+        thresholds: curve name → y of its dashed line (curves without one get none).
+        xlabel, ylabel, title: axis labels and title.
+        maxima: curve name → a value per x drawn dotted in the curve's colour (e.g. the max over tasks).
+        colors: curve → colour (default: ``method_colors`` of the curves).
+        logy: logarithmic y axis.
+        integer_x: ticks on the x axis at integers only.
+        threshold_label: the dashed lines' name in the legend (``"2/α"`` → ``"2/α = 200 (name)"``).
+
+    Returns:
+        The PNG's path.
+    """
+    if not series:
+        raise MamlabError("series is empty; give at least one curve's (x, means, half_widths)")
+    cmap = _colors_for(list(series), colors)
+    fig, ax = _new_figure(7.2, 4.4)
+    for name, triple in series.items():
+        if not isinstance(triple, (tuple, list)) or len(triple) != 3:
+            raise MamlabError(f"series[{name!r}] must be an (x, means, half_widths) triple")
+        xs = _finite_array(f"series[{name!r}] x", triple[0])
+        mean = _finite_array(f"series[{name!r}] means", triple[1], len(xs))
+        hw = _finite_array(f"series[{name!r}] half-widths", triple[2], len(xs))
+        ax.plot(xs, mean, color=cmap[name], marker="o", markersize=3.5, linewidth=1.8, label=name)
+        low = np.maximum(mean - hw, mean.min() / 10) if logy and mean.min() > 0 else mean - hw
+        ax.fill_between(xs, low, mean + hw, color=cmap[name], alpha=0.2, linewidth=0)
+        if maxima is not None and name in maxima:
+            top = _finite_array(f"maxima[{name!r}]", maxima[name], len(xs))
+            ax.plot(xs, top, color=cmap[name], linestyle=":", marker="x", markersize=3.5, linewidth=1.2,
+                    label=f"{name}: max over tasks")
+    for name, y in thresholds.items():
+        if name not in cmap:
+            raise MamlabError(f"thresholds[{name!r}] names no curve; curves: {sorted(cmap)}")
+        if not (isinstance(y, (int, float)) and math.isfinite(y)):
+            raise MamlabError(f"thresholds[{name!r}] must be a finite number, got {y!r}")
+        ax.axhline(y, color=cmap[name], linestyle="--", linewidth=1.2,
+                   label=f"{threshold_label} = {y:.4g} ({name})")
+    if logy:
+        ax.set_yscale("log")
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.legend(frameon=False, loc="outside right upper", fontsize="small",
+               title="shaded: 95% CI", title_fontsize="small")
     return _save(fig, path)
