@@ -136,3 +136,15 @@ def test_eval_prints_the_gap_of_a_pool_run(tmp_path, capsys) -> None:
     assert main(["eval", str(out), "--tasks", "20", "--steps", "1", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["gap"][0]) >= {"pool", "recurring", "new", "gap_pool", "gap_recurring"}
+
+
+def test_analyze_checks_a_pool_run_on_its_own_pool(tmp_path) -> None:
+    from mamlab.analysis import analyze_runs
+
+    config = resolve_config("linear-regression", None, {"dim": 2, "train_tasks": 3, "iterations": 20,
+                                                        "val_every": 10, "checkpoint_every": 10})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    out = analyze_runs([tmp_path / "run"], tmp_path / "report", tasks=10, steps=2, studies="generalization",
+                       echo=lambda s: None)
+    page = out.read_text()
+    assert "fixed pool of 3 tasks" in page and "pool query" in page and "train-distribution" not in page
