@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch.distributed as tdist
 
-from mamlab.analysis.linear_theory import exact_excess_loss
+from mamlab.analysis.linear_theory import exact_excess_loss, maml_advantage
 from mamlab.cli import main
 from mamlab.errors import MamlabError
 from mamlab.evaluate import evaluate_model, pool_gap
+from mamlab.experiments import build_family
 from mamlab.stats import t_quantile
 from mamlab.sweep import SweepSpec, expand, parse_grid_values, power_law_fit, run_sweep
 from mamlab.sweep.runner import EVAL_FILE, evaluate_run, model_hash
@@ -203,6 +204,12 @@ def test_grid_over_algorithms_gives_a_paired_table(tmp_path: Path) -> None:
     la = evaluate_model(a.algorithm, a.config, steps=[1], num_tasks=12, seed=0).losses[1]
     lb = evaluate_model(b.algorithm, b.config, steps=[1], num_tasks=12, seed=0).losses[1]
     assert tables[0]["rows"][0][4]["mean"] == pytest.approx(float((la - lb).mean()), rel=1e-9)
+    # linear models with one step: the exact difference of the trained models and of the optima
+    exact = exact_excess_loss(a.algorithm.model, a.config) - exact_excess_loss(b.algorithm.model, b.config)
+    assert tables[0]["columns"][5:] == ["exact difference", "exact F(θ_ERM) − F(θ*)"]
+    assert tables[0]["rows"][0][5] == pytest.approx(exact, rel=1e-9)
+    family = build_family(a.config, "test")
+    assert tables[0]["rows"][0][6] == pytest.approx(maml_advantage(family, a.config.inner_lr, a.config.shots))
 
 
 # ---------------------------------------------------------------------- subprocesses

@@ -361,12 +361,22 @@ def _key_sections(folder: Path, spec: SweepSpec, records: Sequence[Mapping[str, 
                 f"steps, averaged over seeds with a 95% CI {ci}."]
         if key == "algorithm":
             paired = _paired_rows(records)
+            exact = bool(paired) and all(len(row) == 7 for row in paired)
             if paired:
+                columns = ["runs", "seed", "first", "second", "difference"]
+                if exact:
+                    columns += ["exact difference", "exact F(θ_ERM) − F(θ*)"]
+                else:
+                    paired = [row[:5] for row in paired]
                 tables.append(Table("Paired differences between algorithms on the same episodes (loss of the "
-                                    "first − loss of the second; 95% CI over tasks)",
-                                    ["runs", "seed", "first", "second", "difference"], paired))
+                                    "first − loss of the second; 95% CI over tasks)", columns, paired))
                 text.append("Runs that differ only in the algorithm saw the very same evaluation episodes, "
                             "so their per-task losses are compared pairwise.")
+                if exact:
+                    text.append("Linear models with one inner step: the exact difference is F(θ_first) − "
+                                "F(θ_second) of the two trained models in closed form, and the last column "
+                                "what the task family's optima predict, F(θ_ERM) − F(θ*): pretraining's "
+                                "optimum against MAML's (Collins et al. 2020).")
         sections.append(Section(f"Loss against {key}", text, [Figure(png, f"Query loss on new tasks against "
                                                                           f"{key}; 95% CI {ci}.")], tables))
         best = min(((name, x, p) for name, pts in lines.items() for x, p in zip(xs, pts, strict=True)
@@ -388,8 +398,12 @@ def _paired_rows(records: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                 la, lb = np.asarray(a["new"]["losses"]), np.asarray(b["new"]["losses"])
                 ok = np.isfinite(la) & np.isfinite(lb)
                 diff = paired_difference_ci(la[ok], lb[ok]) if ok.sum() >= 2 else (float("nan"), float("nan"))
-                rows.append([_label(dict(others)), seed, a["values"]["algorithm"], b["values"]["algorithm"],
-                             diff])
+                row = [_label(dict(others)), seed, a["values"]["algorithm"], b["values"]["algorithm"], diff]
+                if "exact_excess" in a and "exact_excess" in b:
+                    # F(θ_a) − F(θ_b) exactly; and the optima's gap F(θ_ERM) − F(θ*) of the task family
+                    row += [a["exact_excess"]["mean"] - b["exact_excess"]["mean"],
+                            a.get("exact_optimum_advantage", float("nan"))]
+                rows.append(row)
     return rows
 
 

@@ -36,6 +36,7 @@ from mamlab.checkpoint import CheckpointError
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError
 from mamlab.evaluate import EvalResult, evaluate_model
+from mamlab.experiments import build_family
 from mamlab.files import MIB, read_regular, read_regular_text
 from mamlab.runlog import write_json_atomic
 from mamlab.runtime import Distributed, resolve_device
@@ -127,11 +128,14 @@ def _evaluate(run: Run, spec: SweepSpec) -> dict[str, Any]:
         out["gap"] = _gap(out["new"], out["pool"])
         if "recurring" in out:
             out["recurring_gap"] = _gap(out["recurring"], out["pool"])
-    from mamlab.analysis.linear_theory import check_exact_config, exact_excess_loss
+    from mamlab.analysis.linear_theory import check_exact_config, exact_excess_loss, maml_advantage
 
     if config.task == "linear-regression" and check_exact_config(config) is None and steps == 1:
-        # the linear model's meta-test loss is known exactly: its excess over the optimum, no sampling error
+        # the linear model's meta-test loss is known exactly: its excess over the optimum, no sampling
+        # error; and how much the MAML optimum beats pretraining's (ERM's) on this task family
         out["exact_excess"] = {"mean": exact_excess_loss(algorithm.model, config), "ci": 0.0}
+        out["exact_optimum_advantage"] = maml_advantage(build_family(config, "test"), config.inner_lr,
+                                                        config.shots)
     return out
 
 
