@@ -337,6 +337,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; exit status 0 ok, 2 bad input, 1 failure, 3 disk full, 130 stopped."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere, imports included: one line, no traceback
+        print("mamlab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -356,15 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    from mamlab.core.memory import is_out_of_memory
     from mamlab.runtime import DistributedError
-    from mamlab.train import TrainingDiverged, TrainingInterrupted
+    from mamlab.train import TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory
 
     try:
         return commands[args.command](args)
     except TrainingInterrupted as e:
         print(f"mamlab: {e}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
+    except (TrainingDiverged, TrainingOutOfMemory) as e:
         print(f"mamlab: error: {e}", file=sys.stderr)
         return 1
     except StorageError as e:  # a full or read-only disk is not bad input
@@ -380,6 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mamlab: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:  # eval, analyze: an allocation that failed
+        if not is_out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"mamlab: error: out of memory ({first}); use fewer --tasks", file=sys.stderr)
+        return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"mamlab: error: {where}{e.strerror or e}", file=sys.stderr)
