@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, NoReturn
 
 from mamlab.errors import MamlabError, StorageError, check_choice
 
-__all__ = ["main", "build_parser", "default_threads"]
+__all__ = ["main", "run", "build_parser", "default_threads"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -337,11 +338,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; exit status 0 ok, 2 bad input, 1 failure, 3 disk full, 130 stopped."""
+    try:  # SIGTERM as Ctrl-C: what a command writes is cleaned up (training has its own handler)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C anywhere, imports included: one line, no traceback
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM anywhere: one line, no traceback
         print("mamlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def run() -> NoReturn:
+    """The ``mamlab`` program: ``main()`` on ``sys.argv``, then exit with its status.
+
+    Once ``main`` has returned, its output is complete: a late Ctrl-C or SIGTERM (a second one,
+    sent while the process exits) is ignored rather than turned into a traceback or a signal status.
+    """
+    status = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -402,4 +426,4 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
