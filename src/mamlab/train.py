@@ -553,7 +553,8 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
             raise MamlabError(f"one meta-batch step needs at least {format_bytes(needed)} ({parts}) but "
                               f"{format_bytes(free)} of memory is free on {where}; {fix}")
 
-    refuse(numel * per_param, f"{numel:,} parameters", lower[2], device)
+    refuse(numel * per_param, f"parameters: {numel:,} with their gradients and optimizer state", lower[2],
+           device)
     with torch.random.fork_rng(devices=[]):
         algorithm = build_run_algorithm(config)
         algorithm.start_iteration(1, config.iterations)
@@ -564,9 +565,9 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
             est = estimate_step(algorithm.meta_loss, lambda s, q: family.sample(1, s, q, gen),
                                 tasks=tasks + config.val_tasks, shots=config.shots, queries=config.queries,
                                 tasks_together=together, parameter_bytes=numel * per_param)
-    parts = (f"the data of {config.meta_batch} tasks of {config.shots}+{config.queries} examples and "
-             f"{config.val_tasks} validation tasks: {format_bytes(est.data)}; the graph of {together} "
-             f"task{'s' if together > 1 else ''} at once ({path}): {format_bytes(est.graph)}; parameters: "
+    parts = (f"data: {format_bytes(est.data)} for {config.meta_batch} tasks of {config.shots} shots + "
+             f"{config.queries} queries and {config.val_tasks} validation tasks; graph: "
+             f"{format_bytes(est.graph)} for {together} task{'s' if together > 1 else ''} at once on the {path} path; parameters: "
              f"{format_bytes(est.parameters)}")
     free = available_bytes(device)
     sizes = {"data": est.data, "graph": est.graph, "parameters": est.parameters}
@@ -576,7 +577,8 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
     refuse(est.total, parts, "; ".join(over) or fixes[est.largest()], device)
     if device.type != "cpu":  # every rank also draws the whole meta-batch on the CPU
         full = est.data * config.meta_batch // max(1, tasks + config.val_tasks)
-        refuse(full, f"the meta-batch drawn on the CPU: {format_bytes(full)}", lower[0], torch.device("cpu"))
+        refuse(full, f"data: the meta-batch drawn on the CPU, {format_bytes(full)}", lower[0],
+               torch.device("cpu"))
 
 
 def _nonfinite_fields(batch: TaskBatch) -> str:
