@@ -567,8 +567,8 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
                                 tasks_together=together, parameter_bytes=numel * per_param)
     parts = (f"data: {format_bytes(est.data)} for {config.meta_batch} tasks of {config.shots} shots + "
              f"{config.queries} queries and {config.val_tasks} validation tasks; graph: "
-             f"{format_bytes(est.graph)} for {together} task{'s' if together > 1 else ''} at once on the {path} path; parameters: "
-             f"{format_bytes(est.parameters)}")
+             f"{format_bytes(est.graph)} for {together} task{'s' if together > 1 else ''} at once on the "
+             f"{path} path; parameters: {format_bytes(est.parameters)}")
     free = available_bytes(device)
     sizes = {"data": est.data, "graph": est.graph, "parameters": est.parameters}
     fixes = dict(zip(sizes, lower, strict=True))
