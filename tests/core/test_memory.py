@@ -111,3 +111,24 @@ def test_out_of_memory_during_training_is_one_line_and_keeps_the_checkpoints(tmp
     monkeypatch.setattr(InnerLoopAlgorithm, "meta_loss", meta_loss)
     train(None, tmp_path / "run", resume=True, progress=False, echo=lambda s: None)  # and it resumes
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_command_line_says_out_of_memory_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from mamlab import evaluate
+    from mamlab.cli import main
+
+    config = resolve_config("sinusoid", None, {"iterations": 2, "meta_batch": 2, "hidden": [4], "val_every": 2,
+                                               "val_tasks": 2})
+    train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", no_memory)
+    assert main(["eval", str(tmp_path / "run"), "--tasks", "5"]) == 1
+    assert capsys.readouterr().err == ("mamlab: error: out of memory (CUDA out of memory. Tried to allocate "
+                                       "20.00 GiB); use fewer --tasks\n")
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bad")))
+    with pytest.raises(RuntimeError, match="bad"):  # other errors are not dressed up as memory
+        main(["eval", str(tmp_path / "run"), "--tasks", "5"])
