@@ -1,7 +1,5 @@
 """``python -m mamlab``: the command line."""
 
-import sys
+from mamlab.cli import run
 
-from mamlab.cli import main
-
-sys.exit(main())
+run()

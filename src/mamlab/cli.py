@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, NoReturn
 
 from mamlab.errors import MamlabError, StorageError, check_choice
 
-__all__ = ["main", "build_parser", "default_threads"]
+__all__ = ["main", "run", "build_parser", "default_threads"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -488,6 +489,37 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; exit status 0 ok, 2 bad input, 1 failure, 3 disk full, 130 stopped."""
+    try:  # SIGTERM as Ctrl-C: what a command writes is cleaned up (training has its own handler)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM anywhere: one line, no traceback
+        print("mamlab: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def run() -> NoReturn:
+    """The ``mamlab`` program: ``main()`` on ``sys.argv``, then exit with its status.
+
+    Once ``main`` has returned, its output is complete: a late Ctrl-C or SIGTERM (a second one,
+    sent while the process exits) is ignored rather than turned into a traceback or a signal status.
+    """
+    status = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -508,15 +540,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    from mamlab.core.memory import is_out_of_memory
     from mamlab.runtime import DistributedError
-    from mamlab.train import TrainingDiverged, TrainingInterrupted
+    from mamlab.train import TrainingDiverged, TrainingInterrupted, TrainingOutOfMemory
 
     try:
         return commands[args.command](args)
     except TrainingInterrupted as e:
         print(f"mamlab: {e}", file=sys.stderr)
         return 130
-    except TrainingDiverged as e:
+    except (TrainingDiverged, TrainingOutOfMemory) as e:
         print(f"mamlab: error: {e}", file=sys.stderr)
         return 1
     except StorageError as e:  # a full or read-only disk is not bad input
@@ -532,6 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mamlab: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as e:  # eval, analyze: an allocation that failed
+        if not is_out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"mamlab: error: out of memory ({first}); use fewer --tasks", file=sys.stderr)
+        return 1
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"mamlab: error: {where}{e.strerror or e}", file=sys.stderr)
@@ -539,4 +578,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

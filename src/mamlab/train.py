@@ -27,10 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -52,6 +53,7 @@ from mamlab.checkpoint import (
 )
 from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
 from mamlab.core.batch import TaskBatch
+from mamlab.core.memory import available_bytes, estimate_step, format_bytes, is_out_of_memory
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
@@ -69,7 +71,8 @@ from mamlab.runlog import (
 from mamlab.runtime import Distributed, precision_context, resolve_device
 
 __all__ = ["train", "load_run", "read_config", "build_run_algorithm", "algorithm_state", "Run",
-           "TrainingDiverged", "TrainingInterrupted", "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
+           "TrainingDiverged", "TrainingInterrupted",
+           "TrainingOutOfMemory", "TRAIN_SEED_OFFSET", "VAL_SEED_OFFSET"]
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -85,6 +88,10 @@ class TrainingDiverged(MamlabError):
 
 class TrainingInterrupted(MamlabError):
     """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+
+class TrainingOutOfMemory(MamlabError):
+    """An allocation failed during training; the checkpoints written so far are kept."""
 
 
 @dataclass
@@ -188,16 +195,28 @@ def _prepare_dir(out_dir: Path, resume: bool, force: bool) -> None:
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK | os.X_OK)
 
 
-class _StopSignals:
-    """Turn SIGINT/SIGTERM into a flag checked between iterations."""
+class _StopNow(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once, without the checkpoint of the iteration in progress."""
 
-    def __init__(self) -> None:
+
+class _StopSignals:
+    """SIGINT/SIGTERM during training: the first stops the run after its iteration, with a checkpoint.
+
+    A second signal stops it at once (``_StopNow``): the iteration in progress is dropped and the
+    newest checkpoint on disk is what a resume continues from. A second signal that arrives while a
+    checkpoint or a metrics line is being written (inside ``protect()``) waits for the write to end,
+    so no signal ever leaves a half-written file; the run stops right after it. The handler speaks
+    with ``os.write``: ``print`` could re-enter a stream the interrupted code was writing to.
+    """
+
+    def __init__(self, speak: bool = True) -> None:
         self.received: str | None = None
+        self.again = False
+        self._speak = speak
+        self._writing = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
@@ -208,14 +227,46 @@ class _StopSignals:
                 pass
         return self
 
+    def _say(self, text: str) -> None:
+        if self._speak:
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nmamlab: {text}\n".encode())
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received = name
+            self._say(f"{name} received: stopping after this iteration, with a checkpoint; send it again "
+                      "to stop at once without one")
+        elif self._writing:
+            self.again = True
+            self._say(f"{name} received again: a file of the run is being written; stopping as soon as "
+                      "it is complete")
+        else:
+            raise _StopNow(name)
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """A write no signal may cut short; a second signal received meanwhile stops the run after it."""
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+        if self.again and not self._writing:
+            raise _StopNow(self.received or "a stop signal")
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _stopped_at_once(signal_name: str, out_dir: Path) -> TrainingInterrupted:
+    """The one-line error of a run stopped by a second signal: which checkpoint a resume starts from."""
+    kept = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    where = (f"its newest checkpoint, iteration {int(kept.name.removeprefix('iter_'))}, is kept; continue "
+             f"with: mamlab train --resume {out_dir}") if kept is not None else "no checkpoint was written"
+    return TrainingInterrupted(f"{signal_name} received twice: stopped at once; {where}")
 
 
 class _NoLog:
@@ -255,6 +306,11 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
 
     Returns:
         The trained ``Run``.
+
+    Raises:
+        TrainingInterrupted: SIGINT or SIGTERM arrived. The first stops the run after its iteration,
+            with a checkpoint; a second stops it at once, keeping the newest checkpoint (a write in
+            progress is finished first, so no file is left half-written).
     """
     out_dir = Path(out_dir)
     changes = dict(changes or {})
@@ -279,6 +335,12 @@ def train(config: TrainConfig | None, out_dir: str | Path, *, resume: bool = Fal
     try:
         with contextlib.ExitStack() as held:
             return _train(config, out_dir, dist, resume, force, progress, bool(changes), echo, held)
+    except _StopNow as e:  # a second signal: nothing was half-written (see _StopSignals)
+        raise _stopped_at_once(str(e), out_dir) from None
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise _out_of_memory(e, out_dir, config) from None
     finally:
         if owned:
             dist.close()
@@ -294,6 +356,7 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
     family = build_family(config, "train")
     val_family = build_family(config, "validation")
     device = dist.device
+    _check_memory(config, family, dist)  # a meta-batch that cannot fit: one line, before any allocation
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
@@ -378,9 +441,10 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                dynamic_ncols=True, desc=f"{config.algorithm} {config.task}")
     logger = RunLogger(out_dir, resume_from_iteration=start if resume else None, hparams=config.to_dict(),
                        hparam_metrics=("meta_loss", "val_loss")) if dist.is_main else _NoLog()
-    with logger as log, _StopSignals() as stop:
+    with logger as log, _StopSignals(dist.is_main) as stop:
         if start == 0 and dist.is_main and not (out_dir / "checkpoints").exists():
-            checkpoint(0, {})
+            with stop.protect():
+                checkpoint(0, {})
         t0 = time.perf_counter()
         for it in range(start + 1, config.iterations + 1):
             t_it = time.perf_counter()
@@ -413,8 +477,9 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                         "such meta-batches"
                     )
                 skipped += 1
-                log.log(it, meta_loss=value, skipped=skipped, grad_norm=grad_norm,
-                        seconds=time.perf_counter() - t_it)
+                with stop.protect():
+                    log.log(it, meta_loss=value, skipped=skipped, grad_norm=grad_norm,
+                            seconds=time.perf_counter() - t_it)
                 bar.update(1)
                 continue
             for group in optimizer.param_groups:
@@ -427,12 +492,14 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                 with precision_context(config.precision, device):
                     last.update(validate())
             last["seconds"] = time.perf_counter() - t_it  # the iteration's wall time, validation included
-            log.log(it, **last)
+            with stop.protect():
+                log.log(it, **last)
             bar.update(1)
             if it % 50 == 0 or it == config.iterations:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             if it % config.checkpoint_every == 0 or it == config.iterations or stop_now:
-                checkpoint(it, last)
+                with stop.protect():
+                    checkpoint(it, last)
             if stop_now:
                 bar.close()
                 dist.barrier()  # every rank waits for rank 0's checkpoint before any of them exits
@@ -456,6 +523,68 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
              f"{elapsed / done:.4f} s/it{procs}, {device}); final meta-loss "
              f"{last.get('meta_loss', float('nan')):.4f}; saved to {out_dir}")
     return Run(out_dir, config, algorithm, config.iterations)
+
+
+def _out_of_memory(err: BaseException, out_dir: Path, config: TrainConfig | None) -> TrainingOutOfMemory:
+    """The one-line error of an allocation that failed during training."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    kept = latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    where = (f"the checkpoint of iteration {int(kept.name.removeprefix('iter_'))} is kept; continue with "
+             f"less memory: mamlab train --resume {out_dir} --execution loop (or a smaller --task-chunk)"
+             if kept is not None else "nothing was trained")
+    return TrainingOutOfMemory(f"out of memory during training ({first}); {where}; or start again with a "
+                               "smaller meta_batch, shots or queries, --recompute or first_order")
+
+
+def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
+    """Refuse (one line) a run whose meta-batch step cannot fit in the memory that is free.
+
+    The estimate (``mamlab.core.memory.estimate_step``) is a lower bound, measured on a throwaway
+    copy of the network and tasks of one and two examples, with the global RNG untouched; the
+    parameter count comes from a network built on the ``meta`` device, so an absurd network is
+    refused before it is built.
+    """
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in build_model(config).parameters())
+    per_param = 4 * (4 if config.meta_optimizer == "adam" else 2)  # θ, ∇θ (Adam: and its two moments)
+    share = dist.task_share(config.meta_batch)
+    tasks = share.stop - share.start
+    device = dist.device
+    lower = ("lower meta_batch, shots or queries", "use --execution loop, a smaller task_chunk, --recompute "
+             "or first_order", "use a smaller network")
+
+    def refuse(needed: int, parts: str, fix: str, where: torch.device) -> None:
+        free = available_bytes(where)
+        if free is not None and needed > free:
+            raise MamlabError(f"one meta-batch step needs at least {format_bytes(needed)} ({parts}) but "
+                              f"{format_bytes(free)} of memory is free on {where}; {fix}")
+
+    refuse(numel * per_param, f"parameters: {numel:,} with their gradients and optimizer state", lower[2],
+           device)
+    with torch.random.fork_rng(devices=[]):
+        algorithm = build_run_algorithm(config)
+        algorithm.start_iteration(1, config.iterations)
+        path = algorithm.resolved_execution(device)
+        together = 1 if path == "loop" else min(tasks, config.task_chunk or tasks)
+        gen = torch.Generator().manual_seed(0)
+        with precision_context(config.precision, torch.device("cpu")):
+            est = estimate_step(algorithm.meta_loss, lambda s, q: family.sample(1, s, q, gen),
+                                tasks=tasks + config.val_tasks, shots=config.shots, queries=config.queries,
+                                tasks_together=together, parameter_bytes=numel * per_param)
+    parts = (f"data: {format_bytes(est.data)} for {config.meta_batch} tasks of {config.shots} shots + "
+             f"{config.queries} queries and {config.val_tasks} validation tasks; graph: "
+             f"{format_bytes(est.graph)} for {together} task{'s' if together > 1 else ''} at once on the "
+             f"{path} path; parameters: {format_bytes(est.parameters)}")
+    free = available_bytes(device)
+    sizes = {"data": est.data, "graph": est.graph, "parameters": est.parameters}
+    fixes = dict(zip(sizes, lower, strict=True))
+    over = [fixes[k] for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])
+            if free is not None and v > free]
+    refuse(est.total, parts, "; ".join(over) or fixes[est.largest()], device)
+    if device.type != "cpu":  # every rank also draws the whole meta-batch on the CPU
+        full = est.data * config.meta_batch // max(1, tasks + config.val_tasks)
+        refuse(full, f"data: the meta-batch drawn on the CPU, {format_bytes(full)}", lower[0],
+               torch.device("cpu"))
 
 
 def _nonfinite_fields(batch: TaskBatch) -> str:

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from mamlab.core.batch import TaskBatch
-from mamlab.core.execution import TaskEngine, grad_of, recomputed_step, tracks_running_stats
+from mamlab.core.execution import (
+    TaskEngine,
+    check_second_order,
+    grad_of,
+    recomputed_step,
+    tracks_running_stats,
+)
 from mamlab.core.losses import LossFn
 from mamlab.core.params import Params, expand_to_tasks, parameters_of
 from mamlab.errors import MamlabError, check_positive
@@ -181,6 +187,7 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         self.first_order = bool(first_order)
         self.inner_params = inner_params
         self.recompute = bool(recompute)
+        self.second_order_checked = False  # the first second-order inner gradient is checked, once
 
     # ------------------------------------------------------------------ the update rule
     def inner_update(self, params: Params, grads: Params, step: int, lr: float | None = None) -> Params:
@@ -196,6 +203,9 @@ class InnerLoopAlgorithm(MetaAlgorithm):
             with torch.enable_grad():
                 losses = self.engine.losses(params, shared, x, y, path)
                 grads = grad_of(losses.sum(), params, create_graph)
+            if create_graph and not self.second_order_checked:
+                check_second_order(grads, self.model)
+                self.second_order_checked = True
             params = self.inner_update(params, grads, first_step + k, lr)
         return params
 

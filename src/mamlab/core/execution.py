@@ -25,7 +25,7 @@ memory is one chunk's graph.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,11 +34,12 @@ from torch.func import vmap
 from mamlab.core.batch import TaskBatch
 from mamlab.core.batched import batched_forward, plan_for
 from mamlab.core.losses import LossFn, per_task_loss
-from mamlab.core.params import Params, buffers_of, forward
+from mamlab.core.params import Params, buffers_of, check_forward_signature, check_output, forward
 from mamlab.errors import MamlabError, check_choice, check_positive
 
 __all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "vmap_unsafe", "grad_of", "PrecomputedGrad",
-           "RecomputedStep", "recomputed_step", "tracks_running_stats"]
+           "RecomputedStep", "recomputed_step", "tracks_running_stats", "no_double_backward",
+           "once_differentiable_in", "check_second_order"]
 
 EXECUTIONS = ("auto", "batched", "vmap", "loop")
 
@@ -179,6 +180,56 @@ def recomputed_step(step: StepFn, params: Mapping[str, torch.Tensor], shared: Ma
     return dict(zip(names[0], out, strict=True))
 
 
+#: Messages of torch errors raised when a backward pass is itself differentiated and cannot be.
+_NO_DOUBLE_BACKWARD = ("differentiate twice a function that was marked with @once_differentiable",
+                       "double backward is not supported", "double backwards is not supported")
+
+_SECOND_ORDER_FIX = (
+    "second-order meta-gradients differentiate {model}'s backward pass, and one of its kernels has no "
+    "derivative of its own ({error}); train first order (first_order=True, the fomaml algorithm), or, for "
+    "attention, run it on the math backend, which has one: wrap meta_loss() and backward() in "
+    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+)
+
+
+def no_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` is torch saying an operation's backward cannot itself be differentiated."""
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and (("derivative for" in text and "is not implemented" in text)
+                                              or any(m.lower() in text for m in _NO_DOUBLE_BACKWARD))
+
+
+def once_differentiable_in(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether the graph of ``tensors`` holds a backward marked ``@once_differentiable``.
+
+    Such a backward, run with ``create_graph``, hands back a result whose dependence on its inputs
+    autograd does not record (only an error node that backward prunes), so differentiating it
+    again silently drops terms instead of failing. One walk over the graph: call it once.
+    """
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.name() == "torch::autograd::Error":  # DelayedError: what once_differentiable leaves
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
+def check_second_order(grads: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """One-line error if the inner gradients ``grads`` (taken with ``create_graph``) cannot be differentiated.
+
+    Algorithms call it once, on their first second-order inner gradient (it walks the graph).
+    """
+    if once_differentiable_in(grads.values()):
+        raise MamlabError(_SECOND_ORDER_FIX.format(
+            model=type(model).__name__, error="a backward marked @once_differentiable, whose second-order "
+            "terms would be silently dropped"))
+
+
 def tracks_running_stats(model: nn.Module) -> bool:
     """Whether a forward pass of ``model`` updates BatchNorm running statistics (training mode)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
@@ -209,9 +260,11 @@ class TaskEngine:
                 f"execution 'batched' needs a Sequential of Linear layers and elementwise activations, "
                 f"got {type(model).__name__}; allowed for this model: auto, vmap, loop"
             )
+        check_forward_signature(model)
         self.model = model
         self.loss_fn = loss_fn
         self.per_task_loss = per_task_loss(loss_fn)
+        self.output_checked = False  # the model's output is checked once, on the first forward
         self.execution = execution
         self.task_chunk = task_chunk
         self.param_dims = {k: p.dim() for k, p in model.named_parameters()}
@@ -257,11 +310,19 @@ class TaskEngine:
         per = {k: p for k, p in params.items() if self.batched(k, p)}
         common = {**shared, **{k: p for k, p in params.items() if k not in per}}
         if path == "vmap":
-            return vmap(lambda p, xi: forward(self.model, {**common, **p}, xi, buffers))(per, x)
-        if x.shape[0] == 1:
-            return forward(self.model, {**common, **{k: p[0] for k, p in per.items()}}, x[0], buffers)[None]
-        return torch.stack([forward(self.model, {**common, **{k: p[i] for k, p in per.items()}}, x[i],
-                                    buffers) for i in range(x.shape[0])])
+            out = vmap(lambda p, xi: forward(self.model, {**common, **p}, xi, buffers))(per, x)
+        elif x.shape[0] == 1:
+            out = forward(self.model, {**common, **{k: p[0] for k, p in per.items()}}, x[0], buffers)
+        else:
+            outs = [forward(self.model, {**common, **{k: p[i] for k, p in per.items()}}, x[i], buffers)
+                    for i in range(x.shape[0])]
+            out = outs[0]
+        if not self.output_checked:  # once: a model returning a tuple or a dict is a one-line error
+            check_output(self.model, out)
+            self.output_checked = True
+        if path == "vmap":
+            return out
+        return out[None] if x.shape[0] == 1 else torch.stack(outs)
 
     def losses(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
@@ -285,7 +346,14 @@ class TaskEngine:
         named = {str(i): p for i, p in enumerate(wrt)}
         for s in self.chunks(num_tasks, path):
             loss = task_losses(batch.slice(s), path).sum() / num_tasks
-            for acc, g in zip(grads, grad_of(loss, named, create_graph=False).values(), strict=True):
+            try:
+                chunk_grads = grad_of(loss, named, create_graph=False)
+            except RuntimeError as e:
+                if no_double_backward(e):
+                    raise MamlabError(_SECOND_ORDER_FIX.format(model=type(self.model).__name__,
+                                                               error=str(e).splitlines()[0])) from None
+                raise
+            for acc, g in zip(grads, chunk_grads.values(), strict=True):
                 acc += g
             total = total + loss.detach().to(total.dtype)
         return PrecomputedGrad.apply(total, tuple(grads), *wrt)

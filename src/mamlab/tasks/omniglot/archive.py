@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from mamlab.errors import MamlabError, check_choice
-from mamlab.files import KIB, MIB, read_regular, read_regular_text
+from mamlab.files import MIB, read_regular
 from mamlab.tasks.omniglot.cache import default_cache_dir
 
 __all__ = [
@@ -52,14 +52,20 @@ class Archive:
     md5: str | None = None
 
 
-# SHA-256 of the small sets and all_runs measured on the files we hold; for the two full sets only
-# the MD5s that torchvision publishes are known, and download() checks those instead.
+# The SHA-256 of every archive is pinned here and nothing else can replace it (no record on disk, no
+# argument). images_background, images_evaluation and the two small sets: as TensorFlow Datasets pins
+# them for these same URLs, in tensorflow/datasets, tensorflow_datasets/url_checksums/omniglot.txt
+# (commit 90b66237ad09c9e5b9b1bc61b646db7b1fb0713c: 9464212 and 6462886 bytes); the small sets'
+# values there equal the ones we measured on our own copies. all_runs: measured on our copy (TFDS
+# does not fetch it). The MD5s are torchvision's (``datasets.Omniglot.zips_md5``) and are checked too.
 ARCHIVES: dict[str, Archive] = {
     a.name: a
     for a in (
-        Archive("images_background", _URL + "images_background.zip", None,
+        Archive("images_background", _URL + "images_background.zip",
+                "ad41ab679c8b5d90b271ef46be6987cc81211774a695c29dcc5367b2b26ee640",
                 "68d2efa1b9178cc56df9314c21c6e718"),
-        Archive("images_evaluation", _URL + "images_evaluation.zip", None,
+        Archive("images_evaluation", _URL + "images_evaluation.zip",
+                "1f61a8f3366785b057fc117d9228e78a16e3d976c8953b2a10fcc74cf0609cee",
                 "6b91aef0f799c5bb55b94e3f2daec811"),
         Archive("images_background_small1", _URL + "images_background_small1.zip",
                 "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4",
@@ -184,25 +190,19 @@ def _hashes(path: Path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def _verify(path: Path, archive: Archive, sha256: str | None, record: Path) -> str | None:
-    """None if ``path`` matches the expected hash of ``archive``, else why not; records the SHA-256.
+def _verify(path: Path, archive: Archive, sha256: str | None) -> str | None:
+    """None if ``path`` has every hash known for ``archive``, else why not.
 
-    Expected: ``sha256``, else the known SHA-256, else the one recorded in ``<record>.sha256`` at the
-    first download (trust on first use), else the known MD5.
+    Every hash that is known must match: the pinned SHA-256, the MD5 and a ``sha256`` the caller
+    gives. Nothing on disk is consulted (a ``.sha256`` file beside the archive is ignored), so no
+    file can stand in for a pinned hash or skip the MD5.
     """
     got_sha, got_md5 = _hashes(path)
-    recorded = record.with_name(record.name + ".sha256")
-    record_text = read_regular_text(recorded, KIB, "a SHA-256 record").split() if recorded.exists() else None
-    if record_text == []:
-        raise MamlabError(f"{recorded}: an empty SHA-256 record; it was written by an earlier download: "
-                          "remove it to accept the archive again, or pass sha256=")
-    want = sha256 or archive.sha256 or (record_text[0] if record_text else None)
-    if want is not None and got_sha != want.lower():
-        return f"SHA-256 {got_sha} differs from the expected {want} (recorded in {recorded.name}?)"
-    if want is None and archive.md5 is not None and got_md5 != archive.md5:
+    for want in (archive.sha256, sha256):
+        if want is not None and got_sha != want.lower():
+            return f"SHA-256 {got_sha} differs from the expected {want.lower()}"
+    if archive.md5 is not None and got_md5 != archive.md5:
         return f"MD5 {got_md5} differs from the expected {archive.md5}"
-    if not recorded.is_file() or sha256 is not None:
-        recorded.write_text(f"{got_sha}  {record.name}\n")
     return None
 
 
@@ -214,8 +214,8 @@ def download(name: str, cache_dir: str | Path | None = None, *, sha256: str | No
         name: ``images_background``, ``images_evaluation``, ``images_background_small1``,
             ``images_background_small2`` or ``all_runs``.
         cache_dir: destination folder (default ``default_cache_dir()``).
-        sha256: expected SHA-256; default the known one (``ARCHIVES``), else the MD5 torchvision
-            publishes, else the hash recorded in ``<name>.zip.sha256`` at the first download.
+        sha256: a SHA-256 the archive must also have. It cannot replace the pinned one
+            (``ARCHIVES``): a different value is an error.
         extract: also extract it (safely, see :func:`safe_extract`) and return the folder.
         opener: ``url -> binary file object`` (default ``urllib.request.urlopen``); tests inject one.
 
@@ -224,6 +224,14 @@ def download(name: str, cache_dir: str | Path | None = None, *, sha256: str | No
     """
     check_choice("archive", name, tuple(ARCHIVES))
     archive = ARCHIVES[name]
+    if sha256 is not None:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+            raise MamlabError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
+        if archive.sha256 is not None and sha256.lower() != archive.sha256:
+            raise MamlabError(f"sha256 {sha256} differs from the pinned SHA-256 of {name} "
+                              f"({archive.sha256}); the pinned hash cannot be replaced")
+    if archive.sha256 is None and archive.md5 is None:
+        raise MamlabError(f"no hash is known for {name}; it cannot be verified")
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -231,14 +239,14 @@ def download(name: str, cache_dir: str | Path | None = None, *, sha256: str | No
         raise MamlabError(f"cannot use {str(folder)!r} as the download folder: "
                           f"{err.strerror or err}") from None
     dest = folder / f"{name}.zip"
-    if not dest.is_file() or _verify(dest, archive, sha256, dest) is not None:
+    if not dest.is_file() or _verify(dest, archive, sha256) is not None:
         fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out, (opener or urllib.request.urlopen)(archive.url) as src:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     out.write(chunk)
-            problem = _verify(tmp, archive, sha256, dest)
+            problem = _verify(tmp, archive, sha256)
             if problem:
                 raise MamlabError(f"download of {archive.url} failed verification: {problem}")
             os.replace(tmp, dest)
