@@ -204,3 +204,11 @@ def test_a_once_differentiable_backward_names_the_fix() -> None:
                                           "once_differentiable.*first_order=True"):
         MAML(Cubed(), F.mse_loss, inner_lr=0.01, execution="loop").meta_loss(_batch()).backward()
     MAML(Cubed(), F.mse_loss, inner_lr=0.01, execution="loop", first_order=True).meta_loss(_batch()).backward()
+
+
+def test_the_pretrain_baseline_refuses_a_tuple_output_too() -> None:
+    from mamlab.algorithms import build_algorithm
+
+    pretrain = build_algorithm("pretrain", Pair(), F.mse_loss, {"inner_lr": 0.1})
+    with pytest.raises(MamlabError, match=r"^Pair.forward returned a tuple of 2 \(Tensor\["):
+        pretrain.meta_loss(_batch())

@@ -15,7 +15,7 @@ from torch import nn
 from mamlab.algorithms.base import InnerLoopAlgorithm, check_batch
 from mamlab.core.batch import TaskBatch
 from mamlab.core.losses import LossFn
-from mamlab.core.params import Params, sgd_step
+from mamlab.core.params import Params, check_output, sgd_step
 from mamlab.errors import check_positive
 
 __all__ = ["Pretrain"]
@@ -45,7 +45,9 @@ class Pretrain(InnerLoopAlgorithm):
         check_batch(batch, self.model)
         x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)
         y = torch.cat([batch.support_y, batch.query_y], 1).flatten(0, 1)
-        return self.loss_fn(self.model(x), y)
+        out = self.model(x)
+        check_output(self.model, out)  # one tensor, or a one-line error naming the fix
+        return self.loss_fn(out, y)
 
     def inner_update(self, params: Params, grads: Params, step: int, lr: float | None = None) -> Params:
         """Fine-tuning: θ' = θ − α ∇θ L_support(θ)."""
