@@ -14,6 +14,7 @@ import torch.distributed as tdist
 
 from mamlab import MamlabError
 from mamlab.runtime import DEVICES_HELP, PRECISIONS, Distributed, precision_context, resolve_device
+from subprocesses import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "maml_allreduce.py"
@@ -147,10 +148,7 @@ def two_process_findings(tmp_path_factory):
     if not tdist.is_available() or not tdist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this PyTorch build")
     out = tmp_path_factory.mktemp("dist") / "findings.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = clean_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from mamlab.stats import t_quantile
 from mamlab.sweep import SweepSpec, expand, parse_grid_values, power_law_fit, run_sweep
 from mamlab.sweep.runner import EVAL_FILE, evaluate_run, model_hash
 from mamlab.train import load_run
+from subprocesses import clean_env
 
 TINY = {"dim": 2, "iterations": 20, "val_every": 10, "checkpoint_every": 5, "meta_batch": 4}
 TINY_FLAGS = ["--dim", "2", "--iterations", "20", "--val-every", "10", "--checkpoint-every", "5",
@@ -216,12 +216,6 @@ def test_grid_over_algorithms_gives_a_paired_table(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- subprocesses
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
-    return env
 
 
 SWEEP_ARGS = ["sweep", "linear-regression", "--train-tasks", "4,16", "--shots", "2,4", "--seeds", "2",
@@ -238,7 +232,7 @@ def test_a_killed_sweep_picks_up_where_it_stopped(tmp_path: Path, finished: Path
     out = tmp_path / "s"
     slow = [a if a != "20" else "400" for a in SWEEP_ARGS]  # long enough to be killed mid-way
     slow[slow.index("--checkpoint-every") + 1] = "50"
-    proc = subprocess.Popen([sys.executable, "-m", "mamlab", *slow, "--out", str(out)], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "mamlab", *slow, "--out", str(out)], env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
     try:  # wait until one run has finished and a later one has a checkpoint past iteration 0
@@ -261,14 +255,14 @@ def test_a_killed_sweep_picks_up_where_it_stopped(tmp_path: Path, finished: Path
     assert 0 < len(finished_before) < 8 and not (out / "results.json").exists()
     stamps = {n: (out / "runs" / n / "model.safetensors").stat().st_mtime_ns for n in finished_before}
     resumed = subprocess.run([sys.executable, "-m", "mamlab", "sweep", "--resume", str(out), "--no-progress"],
-                             env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+                             env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count("already trained") == len(finished_before)
     assert "resumed and trained" in resumed.stdout
     assert {n: (out / "runs" / n / "model.safetensors").stat().st_mtime_ns for n in finished_before} == stamps
     # the result equals an uninterrupted sweep's: resume is exact on the CPU
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, "-m", "mamlab", *slow, "--out", str(straight)], env=_env(), check=True,
+    subprocess.run([sys.executable, "-m", "mamlab", *slow, "--out", str(straight)], env=clean_env(), check=True,
                    capture_output=True, timeout=TIMEOUT)
     assert _numbers(out) == _numbers(straight)
 
@@ -278,7 +272,7 @@ def test_a_killed_sweep_picks_up_where_it_stopped(tmp_path: Path, finished: Path
 def test_two_processes_give_the_numbers_of_one(tmp_path: Path, finished: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mamlab",
            *SWEEP_ARGS, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("[rank 0]") == 4 and proc.stdout.count("[rank 1]") == 4
     assert proc.stdout.count("report:") == 1

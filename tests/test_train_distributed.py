@@ -21,6 +21,7 @@ import torch.distributed as tdist
 
 from mamlab.checkpoint import list_checkpoints, load_checkpoint, load_model
 from mamlab.runlog import read_metrics
+from subprocesses import clean_env
 
 pytestmark = [
     pytest.mark.distributed,
@@ -31,15 +32,6 @@ pytestmark = [
 RUN = ["--meta-batch", "5", "--hidden", "40,40", "--seed", "7", "--no-progress"]  # 5 tasks: split 3 / 2
 SHORT = ["--val-every", "100", "--checkpoint-every", "100", *RUN]
 TIMEOUT = 180
-
-
-def _env() -> dict[str, str]:
-    """This environment (PYTHONPATH unchanged), one OpenMP thread, no inherited torchrun variables."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
-    return env
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -74,7 +66,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def _launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=clean_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -7,13 +7,15 @@ drawing can be. Every such case is a one-line error naming the file.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from mamlab.errors import MamlabError
 
-__all__ = ["read_regular", "read_regular_text", "KIB", "MIB", "GIB"]
+__all__ = ["read_regular", "read_regular_text", "read_json", "KIB", "MIB", "GIB"]
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
@@ -52,3 +54,25 @@ def read_regular_text(path: Path, limit: int, what: str = "file",
         return read_regular(path, limit, what, error).decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected {what}") from None
+
+
+def read_json(path: Path, what: str, missing: str, limit: int = 16 * MIB) -> Any:
+    """The JSON value in ``path``, a regular UTF-8 file of at most ``limit`` bytes.
+
+    Args:
+        path: the file.
+        what: what it should be, for messages ("a run configuration (config.json)").
+        missing: the one-line message when the file does not exist.
+        limit: the most bytes such a file can hold.
+
+    Raises:
+        MamlabError: missing (``missing``), not a regular file, too large, not UTF-8 or not JSON.
+    """
+    try:
+        return json.loads(read_regular_text(path, limit, what))
+    except FileNotFoundError:
+        raise MamlabError(missing) from None
+    except MamlabError:
+        raise
+    except (OSError, ValueError) as e:
+        raise MamlabError(f"{path}: cannot read {what}: {e}") from None

@@ -25,7 +25,6 @@ writes; every rank reads the checkpoint to resume.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -57,7 +56,7 @@ from mamlab.core.memory import available_bytes, estimate_step, format_bytes, is_
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
 from mamlab.experiments import build_family, build_model, loss_for
-from mamlab.files import MIB, read_regular_text
+from mamlab.files import read_json
 from mamlab.runlog import (
     LOCK_FILE,
     RUN_ENTRIES,
@@ -131,12 +130,8 @@ def _load_algorithm_state(algorithm: MetaAlgorithm, state: Mapping[str, torch.Te
 def read_config(run_dir: Path) -> TrainConfig:
     """The TrainConfig saved in a run directory (one-line error if missing or invalid)."""
     path = run_dir / CONFIG_FILE
-    try:
-        values = json.loads(read_regular_text(path, 16 * MIB, "a run configuration (config.json)"))
-    except FileNotFoundError:
-        raise MamlabError(f"{run_dir} is not a mamlab run: {path.name} is missing") from None
-    except (OSError, ValueError) as e:
-        raise MamlabError(f"{path}: cannot read the run configuration: {e}") from None
+    values = read_json(path, "a run configuration (config.json)",
+                       missing=f"{run_dir} is not a mamlab run: {path.name} is missing")
     if not isinstance(values, dict):
         raise MamlabError(f"{path}: not a run configuration (expected a JSON object)")
     return TrainConfig.from_dict(values, str(path))

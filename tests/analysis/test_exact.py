@@ -20,12 +20,7 @@ FAST = {"tasks": 50, "steps": 2, "echo": lambda s: None}
 HARD = {"dim": 3, "hard_fraction": 0.5, "hard_scale": 0.1, "hard_offset": 2.0, "inner_lr": 0.3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(root: Path, name: str, task: str, algorithm: str, **options) -> Path:

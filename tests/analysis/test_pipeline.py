@@ -26,13 +26,7 @@ def make_runs(root: Path) -> dict[str, Path]:
     return runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the CLI uses for MLP tasks: tiny SVDs and matmuls crawl on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

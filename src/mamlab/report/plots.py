@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mamlab.errors import MamlabError
 
-__all__ = ["PALETTE", "DPI", "method_colors", "line_plot_ci", "bar_chart_ci", "layer_bar_chart",
+__all__ = ["PALETTE", "DPI", "method_colors", "new_figure", "line_plot_ci", "bar_chart_ci", "layer_bar_chart",
            "curves_with_thresholds"]
 
 DPI = 120
@@ -45,11 +45,16 @@ def method_colors(methods: Sequence[str]) -> dict[str, str]:
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
 
 
-def _new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
+def new_figure(width: float = 6.4, height: float = 4.0, *, log_grid: bool = False) -> tuple[Figure, Axes]:
+    """A figure with one axes in mamlab's style: a light grid (y only, or every line of log-log
+    axes with ``log_grid``), no top or right spine, rendered off-screen (Agg)."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.grid(True, axis="y", color="#dddddd", linewidth=0.8)
+    if log_grid:
+        ax.grid(True, which="both", color="#e4e4e4", linewidth=0.6)
+    else:
+        ax.grid(True, axis="y", color="#dddddd", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
@@ -115,7 +120,7 @@ def line_plot_ci(path: str | Path, x: Sequence[float], series: Mapping[str, Curv
         raise MamlabError("series is empty; give at least one method's (means, half_widths)")
     xs = _finite_array("x", x)
     cmap = _colors_for(list(series), colors)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     bands, centers = [], []
     for name, pair in series.items():
         if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
@@ -185,7 +190,7 @@ def bar_chart_ci(path: str | Path, values: Mapping[str, MeanCI], *, ylabel: str,
     arr = _finite_array("values", [v for pair in values.values() for v in _pair(pair)])
     means, hws = arr[0::2], arr[1::2]
     cmap = _colors_for(names, colors)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     pos = np.arange(len(names))
     ax.bar(pos, means, yerr=hws, color=[cmap[n] for n in names], capsize=5, width=0.6,
            error_kw={"elinewidth": 1.2, "ecolor": "#333333"})
@@ -234,7 +239,7 @@ def layer_bar_chart(path: str | Path, layers: Sequence[str], values: Mapping[str
         raise MamlabError("values is empty; give at least one method's per-layer values")
     names = list(values)
     cmap = _colors_for(names, colors)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     pos = np.arange(len(layers))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -293,7 +298,7 @@ def curves_with_thresholds(path: str | Path,
     if not series:
         raise MamlabError("series is empty; give at least one curve's (x, means, half_widths)")
     cmap = _colors_for(list(series), colors)
-    fig, ax = _new_figure(7.2, 4.4)
+    fig, ax = new_figure(7.2, 4.4)
     for name, triple in series.items():
         if not isinstance(triple, (tuple, list)) or len(triple) != 3:
             raise MamlabError(f"series[{name!r}] must be an (x, means, half_widths) triple")

@@ -22,12 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure as MplFigure
 
 from mamlab.errors import MamlabError
 from mamlab.report.html import Figure, Section, Table, write_report
-from mamlab.report.plots import DPI, PALETTE
+from mamlab.report.plots import DPI, PALETTE, new_figure
 from mamlab.stats import mean_ci, paired_difference_ci
 from mamlab.sweep.fit import PowerLawFit, power_law_fit
 from mamlab.sweep.grid import SweepSpec, format_value
@@ -135,21 +133,10 @@ def _slope_text(fit: PowerLawFit | str | None, name: str, kind: str) -> str:
 
 
 # ---------------------------------------------------------------------- figures
-def _figure(width: float = 6.4, height: float = 4.2) -> tuple[MplFigure, Any]:
-    fig = MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.grid(True, which="both", color="#e4e4e4", linewidth=0.6)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    return fig, ax
-
-
 def _loglog_figure(path: Path, lines: Mapping[str, list[tuple[float, float, float]]], *, xlabel: str,
                    ylabel: str, title: str) -> tuple[Path, int]:
     """Mean ± CI against x on log-log axes, one line per name; returns the path and the points not drawn."""
-    fig, ax = _figure()
+    fig, ax = new_figure(6.4, 4.2, log_grid=True)
     hidden = 0
     for i, (name, pts) in enumerate(lines.items()):
         shown = [(x, m, c) for x, m, c in pts if m == m and m > 0]
@@ -175,7 +162,7 @@ def _loglog_figure(path: Path, lines: Mapping[str, list[tuple[float, float, floa
 def _key_figure(path: Path, key: str, xs: Sequence[Any], lines: Mapping[str, list[tuple[float, float]]],
                 *, ylabel: str, title: str) -> Path:
     """Mean ± CI against a grid key's values (numbers on a log axis when positive, else categories)."""
-    fig, ax = _figure()
+    fig, ax = new_figure(6.4, 4.2, log_grid=True)
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     positions = [float(x) for x in xs] if numeric else list(range(len(xs)))
     for i, (name, pts) in enumerate(lines.items()):

@@ -37,7 +37,7 @@ from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError
 from mamlab.evaluate import EvalResult, evaluate_model
 from mamlab.experiments import build_family
-from mamlab.files import MIB, read_regular, read_regular_text
+from mamlab.files import MIB, read_json, read_regular, read_regular_text
 from mamlab.runlog import write_json_atomic
 from mamlab.runtime import Distributed, resolve_device
 from mamlab.stats import unpaired_difference_ci
@@ -59,12 +59,8 @@ _REPORT_ENTRIES = ("index.html", "results.json")
 def read_spec(out: str | Path) -> SweepSpec:
     """The ``SweepSpec`` saved in ``out/sweep.json`` (one-line error if missing or not a sweep)."""
     path = Path(out) / SPEC_FILE
-    try:
-        values = json.loads(read_regular_text(path, 16 * MIB, "a sweep description (sweep.json)"))
-    except FileNotFoundError:
-        raise MamlabError(f"{out} is not a mamlab sweep: {SPEC_FILE} is missing") from None
-    except (OSError, ValueError) as e:
-        raise MamlabError(f"{path}: cannot read the sweep: {e}") from None
+    values = read_json(path, "a sweep description (sweep.json)",
+                       missing=f"{out} is not a mamlab sweep: {SPEC_FILE} is missing")
     return SweepSpec.from_dict(values, str(path))
 
 
