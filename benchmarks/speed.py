@@ -157,7 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     cases = list(CASES) if args.case == "all" else [args.case]
     impls = {"sinusoid": ["loop", "mamlab", "mamlab:vmap", "mamlab:loop", "anil", "learn2learn", "higher"],
-             "conv4": ["loop", "mamlab", "mamlab:vmap", "anil", "learn2learn", "higher"]}
+             "conv4": ["loop", "mamlab", "mamlab:conv", "mamlab:loop", "mamlab:vmap", "anil", "learn2learn",
+                       "higher"]}
     threads = args.threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} thread(s) per implementation")
     report = {}
