@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from speed import loop_step, make  # benchmarks/ is the script's directory
 
 from mamlab import MAML, TaskBatch
 from mamlab.core.memory import peak_saved_bytes
+from speed import loop_step, make  # benchmarks/ is the script's directory
 
 VARIANTS = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first",
             "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap")

@@ -66,7 +66,8 @@ def _declares_features_head(model: nn.Module) -> bool:
     """Whether the class that declares ``features_head`` also defines the forward that is run."""
     for cls in type(model).__mro__:
         if "features_head" in vars(cls):
-            return vars(cls).get("forward") is type(model).forward and cls.features_head == ("features", "head")
+            own_forward = vars(cls).get("forward") is type(model).forward
+            return own_forward and cls.features_head == ("features", "head")
     return False
 
 
@@ -74,7 +75,9 @@ def conv_plan_for(model: nn.Module) -> ConvPlan | None:
     """The plan ``conv_forward`` runs for ``model``, or ``None`` if it is not a Conv4-like net."""
     if _plain_sequential(model):
         children = list(model.named_children())
-        if len(children) < 3 or type(children[-2][1]) is not nn.Flatten or type(children[-1][1]) is not nn.Linear:
+        if len(children) < 3 or type(children[-2][1]) is not nn.Flatten:
+            return None
+        if type(children[-1][1]) is not nn.Linear:
             return None
         flatten = children[-2][1]
         if (flatten.start_dim, flatten.end_dim) != (1, -1):
@@ -92,7 +95,7 @@ def conv_plan_for(model: nn.Module) -> ConvPlan | None:
         head_name, add_channel = "head", True
     else:
         return None
-    if not layers or not all(_layer_ok(m) for _, m in layers) or not any(type(m) is nn.Conv2d for _, m in layers):
+    if not all(_layer_ok(m) for _, m in layers) or not any(type(m) is nn.Conv2d for _, m in layers):
         return None
     return ConvPlan(layers, (f"{head_name}.", head), add_channel)
 
@@ -117,8 +120,8 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
             h = F.conv2d(h, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"), m.stride,
                          m.padding, m.dilation, m.groups)
         elif type(m) is nn.BatchNorm2d:  # no running statistics (the plan's rule): batch statistics
-            h = F.batch_norm(h, None, None, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
-                             training=True, momentum=0.0, eps=m.eps)
+            weight, bias = _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias")
+            h = F.batch_norm(h, None, None, weight, bias, training=True, momentum=0.0, eps=m.eps)
         elif type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
             h = F.relu(_pool(layers[i + 1][1], h))  # pool first: the same values and gradients
             i += 1

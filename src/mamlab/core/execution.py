@@ -254,7 +254,7 @@ class TaskEngine:
         return default_execution(self.model, device)
 
     def chunks(self, num_tasks: int, path: str) -> list[slice]:
-        """The task slices computed together: one task each on the loop and conv paths, else ``task_chunk``."""
+        """Task slices computed together: one task each on the loop and conv paths, else ``task_chunk``."""
         size = 1 if path in ("loop", "conv") else (self.task_chunk or num_tasks)
         return [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
 
