@@ -12,6 +12,10 @@ measured once per variant). Usage:
 
     python benchmarks/conv_cpu.py                        # 8 tasks, 1 thread, 3 rounds
     python benchmarks/conv_cpu.py --tasks 32 --threads 2 --variants loop,mamlab:conv
+    python benchmarks/conv_cpu.py --profile loop,mamlab:vmap,mamlab:conv   # torch.profiler's top ops
+
+The gradient difference printed is in float32, where second-order terms through BatchNorm amplify
+rounding; ``tests/core/test_conv.py`` compares the conv path with the loop path in float64 (1e-10).
 """
 
 from __future__ import annotations
@@ -114,8 +118,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--profile", default=None, metavar="VARIANTS",
+                        help="instead of timing, print torch.profiler's ops by self CPU time for these variants")
     args = parser.parse_args()
-    names = args.variants.split(",")
+    names = (args.profile or args.variants).split(",")
     unknown = [n for n in names if n not in VARIANTS and not n.startswith("grouped:")]
     if unknown:
         parser.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
@@ -123,6 +129,14 @@ def main() -> None:
     model, batch, lr, loss_fn = make("conv4")
     batch = batch.slice(slice(0, args.tasks))
     steps = {n: variant(n, model, batch, lr, loss_fn) for n in names}
+    if args.profile:
+        for n, step in steps.items():
+            step()  # warm-up
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step()
+            print(f"{n}: one meta-gradient of {args.tasks} tasks, {args.threads} thread(s)")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+        return
     grads, saved = {}, {}
     for n, step in steps.items():  # warm-up; the gradients, to check every variant against the loop
         model.zero_grad()

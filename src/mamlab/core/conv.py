@@ -116,7 +116,14 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
     i = 0
     while i < len(layers):
         prefix, m = layers[i]
-        if type(m) is nn.Conv2d:
+        nxt = layers[i + 1][1] if i + 1 < len(layers) else None
+        if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _foldable(m):
+            bn_prefix = layers[i + 1][0]
+            h = _conv_batch_norm(h, m, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
+                                 nxt, _get(params, bn_prefix, nxt, "weight"),  # type: ignore[arg-type]
+                                 _get(params, bn_prefix, nxt, "bias"))
+            i += 1
+        elif type(m) is nn.Conv2d:
             h = F.conv2d(h, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"), m.stride,
                          m.padding, m.dilation, m.groups)
         elif type(m) is nn.BatchNorm2d:  # no running statistics (the plan's rule): batch statistics
@@ -132,6 +139,44 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
         i += 1
     prefix, head = plan.head
     return F.linear(h.flatten(1), _get(params, prefix, head, "weight"), _get(params, prefix, head, "bias"))
+
+
+#: Fold BatchNorm into the convolution before it when one patch holds at most this many numbers
+#: (in_channels x kernel area; Conv4's first layer: 1 x 3 x 3, RGB 3 x 3 x 3).
+FOLD_MAX = 32
+
+
+def _foldable(conv: nn.Conv2d) -> bool:
+    kh, kw = conv.kernel_size
+    return conv.groups == 1 and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= FOLD_MAX
+
+
+def _conv_batch_norm(h: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
+                     bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
+                     beta: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm(conv(h)) with batch statistics, computed as one convolution.
+
+    With p the input patches (one per output pixel, K = in_channels x kernel area numbers), μ their
+    mean and Σ their covariance over the batch and positions, channel c of conv(h) has mean
+    m_c = w_c·μ + b_c and variance w_cᵀ Σ w_c, so BatchNorm(conv(h)) = conv(h; w_c γ_c / σ_c) +
+    β_c + γ_c (b_c − m_c) / σ_c with σ_c = sqrt(w_cᵀ Σ w_c + eps): the normalization needs no pass
+    over the output map, nor its backward. Σ is K x K, cheap when K is small. The conv bias cancels
+    (b_c − m_c does not depend on it); it stays in the graph with its exact gradient, zero.
+    """
+    cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [N, K, L]
+    patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [M, K]
+    mean = patches.mean(0)
+    centred = patches - mean
+    cov = centred.t() @ centred / patches.shape[0]
+    w = weight.reshape(weight.shape[0], -1)  # [C, K]
+    scale = torch.rsqrt(((w @ cov) * w).sum(1) + bn.eps)
+    if gamma is not None:
+        scale = scale * gamma
+    centre = w @ mean
+    shift = (bias - (centre + bias)) * scale if bias is not None else -centre * scale
+    if beta is not None:
+        shift = shift + beta
+    return F.conv2d(h, weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation)
 
 
 def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: str) -> torch.Tensor | None:
