@@ -1,6 +1,7 @@
 """Ways to run second-order MAML on Conv4 on the CPU, timed side by side in one process.
 
-The ideas measured for the CPU conv path (``mamlab.core.conv``, ``execution="conv"``): NCHW against
+The ideas measured for the CPU conv path (``mamlab.core.conv``, ``execution="conv"``, which is
+channels-last + pool-first + the first BatchNorm folded into its convolution): NCHW against
 channels-last memory, max-pooling before ReLU, grouped convolutions that run a chunk of tasks as
 the groups of one convolution (input ``[N, T*C, H, W]``, weights ``[T*out, C, k, k]``, BatchNorm
 per (task, channel) on that layout, the head as one ``baddbmm``), and the engine's loop and vmap
@@ -33,7 +34,8 @@ from speed import loop_step, make  # benchmarks/ is the script's directory
 
 VARIANTS = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first",
             "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap")
-DEFAULT = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "mamlab:conv", "grouped:all", "grouped:4")
+DEFAULT = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first", "mamlab:conv",
+           "grouped:all", "grouped:4")
 
 
 def block(h: torch.Tensor, p: list[torch.Tensor], groups: int, pool_first: bool) -> torch.Tensor:

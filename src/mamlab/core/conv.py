@@ -1,15 +1,21 @@
-"""A CPU forward for Conv4-like networks: channels-last tensors, max-pooling before ReLU.
+"""A CPU forward for Conv4-like networks: channels-last, pooling before ReLU, a folded first BatchNorm.
 
 The per-task loop runs a conv net as PyTorch's modules do, in NCHW memory. On the CPU that layout
-is slow for everything but the convolutions: ``benchmarks/speed.py``'s profile of second-order
-MAML on Conv4 (5-way 1-shot, 15 queries) spends more time in max-pooling, BatchNorm, ReLU and
-zero-fills of 64x28x28 maps than in the convolutions. ``conv_forward`` computes the same function
-in channels-last memory (NHWC), where PyTorch's max-pooling is ~20x and BatchNorm's forward ~4x
-faster on those maps, and oneDNN's convolutions need no reorders; and it applies ``MaxPool2d``
-before a ``ReLU`` that precedes it. The two commute exactly, values and gradients alike: over a
-window whose maximum is positive both pick the same (first) maximal element, and over one whose
-maximum is <= 0 both give a zero output and a zero gradient; computing ReLU on the pooled map
-touches a quarter of the memory.
+is slow for everything but the convolutions: a profile of second-order MAML on Conv4 (5-way
+1-shot, 15 queries; ``benchmarks/conv_cpu.py --profile loop``) spends more time in max-pooling,
+BatchNorm, ReLU and zero-fills of the 64x28x28 maps than in the convolutions. ``conv_forward``
+computes the same function with three changes, each exact in real arithmetic:
+
+* channels-last memory (NHWC), where PyTorch's max-pooling is ~20x and BatchNorm's forward ~4x
+  faster on those maps, and oneDNN's convolutions need no reorders;
+* ``MaxPool2d`` before a ``ReLU`` that precedes it. The two commute exactly, values and gradients
+  alike: over a window whose maximum is positive both pick the same (first) maximal element, over
+  one whose maximum is <= 0 both give a zero output and a zero gradient; ReLU then touches a
+  quarter of the memory;
+* a ``BatchNorm2d`` (batch statistics) right after a convolution whose patches are small (at most
+  ``FOLD_MAX`` numbers, as Conv4's first layer, 1x3x3) is folded into it: its mean and variance
+  are computed from the input patches' mean and covariance, so the 64x28x28 output is written
+  once and never read back for statistics, nor kept for BatchNorm's backward.
 
 ``conv_plan_for`` recognises the networks it can run: a ``nn.Sequential`` of ``Conv2d``,
 ``BatchNorm2d`` without running statistics, elementwise activations and ``MaxPool2d``, then
@@ -17,8 +23,8 @@ touches a quarter of the memory.
 "head")`` (``mamlab.models.Conv4``), meaning its forward is ``head(features(x).flatten(1))``. Any
 other model returns ``None`` and keeps the engine's other paths.
 
-Each task runs on its own (as the loop path does, so peak memory is one task's graph): grouped
-convolutions over all tasks of a meta-batch measured slower here (see the README's Speed section).
+Each task runs on its own, as on the loop path, so peak memory is one task's graph: grouped
+convolutions over the tasks of a meta-batch measured slower (README, Speed).
 """
 
 from __future__ import annotations
