@@ -109,6 +109,16 @@ def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: st
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("options", [{"recompute": True, "inner_steps": 2},
+                                     {"inner_params": ["head.weight", "head.bias"]}])  # ANIL
+def test_recompute_and_head_only_adaptation_equal_the_loop_path(options: dict) -> None:
+    model = conv4("stride")
+    batch = binary_batch()
+    conv = MAML(model, F.cross_entropy, 0.3, execution="conv", **options)
+    loop = MAML(model, F.cross_entropy, 0.3, execution="loop", **options)
+    assert_grads_equal(meta_grads(conv, batch), meta_grads(loop, batch))
+
+
 def test_the_folded_first_layer_keeps_its_conv_bias_in_the_graph_with_gradient_zero() -> None:
     model = conv4()
     batch = binary_batch(tasks=2)
