@@ -2,8 +2,10 @@
 
 Each (case, implementation) runs in its own subprocess so peak memory (max RSS growth over the
 process's RSS just before the first meta-iteration) is its own. Prints meta-iterations per second,
-peak memory, and ratios against the per-task loop. ``anil`` is ANIL on the same model (only the
-head adapts; the auto path). learn2learn and higher are timed too when importable. Usage:
+peak memory, and ratios against the per-task loop. ``mamlab`` is MAML on the auto path,
+``mamlab:PATH`` on the execution path PATH (for Conv4: conv, loop, vmap); ``anil`` is ANIL on
+the same model (only the head adapts; the auto path). learn2learn and higher are timed too when
+importable. Usage:
 
     python benchmarks/speed.py            # both cases
     python benchmarks/speed.py --case sinusoid --repeat 3

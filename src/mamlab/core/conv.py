@@ -6,8 +6,8 @@ is slow for everything but the convolutions: a profile of second-order MAML on C
 BatchNorm, ReLU and zero-fills of the 64x28x28 maps than in the convolutions. ``conv_forward``
 computes the same function with three changes, each exact in real arithmetic:
 
-* channels-last memory (NHWC), where PyTorch's max-pooling is ~20x and BatchNorm's forward ~4x
-  faster on those maps, and oneDNN's convolutions need no reorders;
+* channels-last memory (NHWC), where PyTorch's max-pooling and BatchNorm are many times faster on
+  those maps (``benchmarks/conv_cpu.py --profile``), and oneDNN's convolutions need no reorders;
 * ``MaxPool2d`` before a ``ReLU`` that precedes it. The two commute exactly, values and gradients
   alike: over a window whose maximum is positive both pick the same (first) maximal element, over
   one whose maximum is <= 0 both give a zero output and a zero gradient; ReLU then touches a
