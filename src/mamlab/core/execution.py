@@ -8,7 +8,8 @@ dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` 
   ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.core.batched``).
 * ``"vmap"``: any model; ``torch.func.vmap`` over a functional forward.
 * ``"conv"``: Conv4-like nets (``mamlab.core.conv``), one task at a time as on the loop path, in
-  channels-last memory with max-pooling before ReLU: the fastest path for them on CPU.
+  channels-last memory, max-pooling before ReLU, the first BatchNorm folded into its convolution:
+  the fastest path for them on CPU.
 * ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). On CPU
   batched convolutions under vmap are slower and far hungrier for memory than this; the only path
   for BatchNorm that tracks running statistics.
