@@ -2,8 +2,10 @@
 
 Each (case, implementation) runs in its own subprocess so peak memory (max RSS growth over the
 process's RSS just before the first meta-iteration) is its own. Prints meta-iterations per second,
-peak memory, and ratios against the per-task loop. ``anil`` is ANIL on the same model (only the
-head adapts; the auto path). learn2learn and higher are timed too when importable. Usage:
+peak memory, and ratios against the per-task loop. ``mamlab`` is MAML on the auto path,
+``mamlab:PATH`` on the execution path PATH (for Conv4: conv, loop, vmap); ``anil`` is ANIL on
+the same model (only the head adapts; the auto path). learn2learn and higher are timed too when
+importable. Usage:
 
     python benchmarks/speed.py            # both cases
     python benchmarks/speed.py --case sinusoid --repeat 3
@@ -157,7 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     cases = list(CASES) if args.case == "all" else [args.case]
     impls = {"sinusoid": ["loop", "mamlab", "mamlab:vmap", "mamlab:loop", "anil", "learn2learn", "higher"],
-             "conv4": ["loop", "mamlab", "mamlab:vmap", "anil", "learn2learn", "higher"]}
+             "conv4": ["loop", "mamlab", "mamlab:conv", "mamlab:loop", "mamlab:vmap", "anil", "learn2learn",
+                       "higher"]}
     threads = args.threads or torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} thread(s) per implementation")
     report = {}

@@ -56,7 +56,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "(from β down to 0)", choices=SCHEDULES),
     Option("seed", "int", 0, "seed of the initialization, the task stream and validation tasks",
            positive="nonnegative"),
-    Option("execution", "str", "auto", "how tasks run: auto, batched, vmap or loop", choices=EXECUTIONS),
+    Option("execution", "str", "auto", "how tasks run: auto, batched (MLPs), conv (Conv4-like nets on the "
+           "CPU), vmap or loop", choices=EXECUTIONS),
     Option("task_chunk", "int", None, "tasks run together on the batched paths (bounds memory)",
            positive=True, nullable=True),
     Option("val_every", "int", 1000, "validate every N iterations", positive=True),

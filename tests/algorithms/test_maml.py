@@ -106,7 +106,7 @@ def test_conv4_auto_path_matches_loop_reference() -> None:
         return torch.func.functional_call(model, dict(zip(names, p, strict=True)), (x,))
 
     maml = MAML(model, F.cross_entropy, inner_lr=0.4, inner_steps=2)
-    assert maml.resolved_execution() == "loop"
+    assert maml.resolved_execution() == "conv"
     expected = loop_meta_grad(fwd, list(model.parameters()), F.cross_entropy, batch, 0.4, 2, False)
     assert_close(maml_grad(maml, batch), expected, rtol=1e-7, atol=1e-9)
 
@@ -296,7 +296,7 @@ def test_default_execution_rule() -> None:
     from mamlab.models import Conv4
 
     assert default_execution(MLP(1, 1)) == "batched"
-    assert default_execution(Conv4(5)) == "loop"
+    assert default_execution(Conv4(5)) == "conv"
     assert default_execution(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))) == "loop"
 
     class Custom(nn.Module):

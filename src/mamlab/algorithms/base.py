@@ -15,7 +15,7 @@ A ``MetaAlgorithm`` is a ``torch.nn.Module`` that owns the model and any learned
     meta-objective = (1/T) Σ_i L_query(θ_i^{(K)}),
 
 so an algorithm in this family only writes its ``inner_update`` (and, if it has one, a different
-objective). How the tasks are computed (batched, vmap, loop, chunks) is the ``TaskEngine``'s job.
+objective). How the tasks are computed (batched, conv, vmap, loop, chunks) is the ``TaskEngine``'s job.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ class MAML(InnerLoopAlgorithm):
         inner_lr: α, the inner SGD step size (> 0).
         inner_steps: how many inner steps adapt θ to a task's support set (>= 1).
         first_order: drop the second-order terms (FOMAML); ``.grad`` is still filled.
-        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (same numbers, different
-            speed and memory).
+        execution: ``"auto"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"conv"`` (same numbers,
+            different speed and memory; ``mamlab.core.execution``).
         inner_params: names of the parameters adapted in the inner loop (default: all). Only
             the head, for example, gives ANIL (Raghu et al. 2020). The outer loop updates all.
         task_chunk: with ``"batched"``/``"vmap"``, how many tasks run together (default: the whole

@@ -7,9 +7,12 @@ dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` 
 * ``"batched"``: MLPs (a Sequential of Linear layers and activations); every task's weights
   ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.core.batched``).
 * ``"vmap"``: any model; ``torch.func.vmap`` over a functional forward.
-* ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). Fastest
-  for convolutional nets on CPU, where batched convolutions under vmap are slower and far
-  hungrier for memory; the only path for BatchNorm that tracks running statistics.
+* ``"conv"``: Conv4-like nets (``mamlab.core.conv``), one task at a time as on the loop path, in
+  channels-last memory, max-pooling before ReLU, the first BatchNorm folded into its convolution:
+  the fastest path for them on CPU.
+* ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). On CPU
+  batched convolutions under vmap are slower and far hungrier for memory than this; the only path
+  for BatchNorm that tracks running statistics.
 
 On every path the inner gradient of all tasks of a chunk is one autograd call: each task's loss
 depends only on its own slice of the task-batched parameters, so ∇ of the summed losses is the
@@ -33,6 +36,7 @@ from torch.func import vmap
 
 from mamlab.core.batch import TaskBatch
 from mamlab.core.batched import batched_forward, plan_for
+from mamlab.core.conv import conv_forward, conv_plan_for
 from mamlab.core.losses import LossFn, per_task_loss
 from mamlab.core.params import Params, buffers_of, check_forward_signature, check_output, forward
 from mamlab.errors import MamlabError, check_choice, check_positive
@@ -41,7 +45,7 @@ __all__ = ["EXECUTIONS", "TaskEngine", "default_execution", "vmap_unsafe", "grad
            "RecomputedStep", "recomputed_step", "tracks_running_stats", "no_double_backward",
            "once_differentiable_in", "check_second_order"]
 
-EXECUTIONS = ("auto", "batched", "vmap", "loop")
+EXECUTIONS = ("auto", "batched", "vmap", "loop", "conv")
 
 _BATCHED_SLOW_OR_UNSAFE = (
     nn.modules.conv._ConvNd,
@@ -53,7 +57,8 @@ _BATCHED_SLOW_OR_UNSAFE = (
 
 
 def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> str:
-    """The path ``execution="auto"`` takes: batched MLP, else loop for conv/norm on CPU, else vmap.
+    """The path ``execution="auto"`` takes: batched MLP, else (on CPU) conv for Conv4-like nets and
+    loop for other conv/norm nets, else vmap.
 
     Models vmap cannot run (recurrent layers, dropout in training mode: ``vmap_unsafe``) go to the
     loop on every device.
@@ -61,11 +66,14 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     Measured on 2 CPU cores (``benchmarks/speed.py``): vmap runs the sinusoid MLP an order of
     magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
     whose BatchNorm tracks running statistics also go to the loop, since vmap cannot update a
-    shared running mean from batched tasks.
+    shared running mean from batched tasks. The channels-last conv path runs Conv4 faster than the
+    loop on CPU (README, Speed).
     """
     device = torch.device(device)
     if plan_for(model) is not None:
         return "batched"
+    if device.type == "cpu" and conv_plan_for(model) is not None:
+        return "conv"
     if vmap_unsafe(model) or tracks_running_stats(model):
         return "loop"
     if device.type == "cpu" and any(isinstance(m, _BATCHED_SLOW_OR_UNSAFE) for m in model.modules()):
@@ -242,7 +250,7 @@ class TaskEngine:
     Args:
         model: the network whose functional forward is run (its buffers are used as they are).
         loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
-        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"``.
+        execution: ``"auto"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"conv"``.
         task_chunk: on the batched paths, how many tasks run together (default: the whole batch).
     """
 
@@ -252,6 +260,7 @@ class TaskEngine:
         if task_chunk is not None:
             check_positive("task_chunk", task_chunk, integer=True)
         self.plan = plan_for(model)
+        self.conv_plan = conv_plan_for(model)
         if execution == "vmap" and vmap_unsafe(model):
             raise MamlabError(f"execution 'vmap' cannot run this model ({vmap_unsafe(model)}); "
                               "allowed for it: auto, loop")
@@ -261,6 +270,12 @@ class TaskEngine:
                 f"got {type(model).__name__}; allowed for this model: auto, vmap, loop"
             )
         check_forward_signature(model)
+        if execution == "conv" and self.conv_plan is None:
+            raise MamlabError(
+                "execution 'conv' needs a Conv4-like net (Conv2d, BatchNorm2d without running statistics, "
+                f"activations, MaxPool2d, then a Linear head), got {type(model).__name__}; "
+                "allowed for this model: auto, vmap, loop"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.per_task_loss = per_task_loss(loss_fn)
@@ -293,8 +308,8 @@ class TaskEngine:
         return default_execution(self.model, device)
 
     def chunks(self, num_tasks: int, path: str) -> list[slice]:
-        """The task slices computed together: one task each on the loop path, else ``task_chunk``."""
-        size = 1 if path == "loop" else (self.task_chunk or num_tasks)
+        """Task slices computed together: one task each on the loop and conv paths, else ``task_chunk``."""
+        size = 1 if path in ("loop", "conv") else (self.task_chunk or num_tasks)
         return [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
 
     def forward(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
@@ -311,23 +326,29 @@ class TaskEngine:
         common = {**shared, **{k: p for k, p in params.items() if k not in per}}
         if path == "vmap":
             out = vmap(lambda p, xi: forward(self.model, {**common, **p}, xi, buffers))(per, x)
-        elif x.shape[0] == 1:
-            out = forward(self.model, {**common, **{k: p[0] for k, p in per.items()}}, x[0], buffers)
-        else:
-            outs = [forward(self.model, {**common, **{k: p[i] for k, p in per.items()}}, x[i], buffers)
-                    for i in range(x.shape[0])]
-            out = outs[0]
-        if not self.output_checked:  # once: a model returning a tuple or a dict is a one-line error
-            check_output(self.model, out)
-            self.output_checked = True
-        if path == "vmap":
+            if not self.output_checked:  # once: a model returning a tuple or a dict is a one-line error
+                check_output(self.model, out)
+                self.output_checked = True
             return out
-        return out[None] if x.shape[0] == 1 else torch.stack(outs)
+
+        def one(i: int) -> torch.Tensor:
+            theta = {**common, **{k: p[i] for k, p in per.items()}}
+            if path == "conv":
+                return conv_forward(self.conv_plan, theta, x[i])  # type: ignore[arg-type]
+            out = forward(self.model, theta, x[i], buffers)
+            if not self.output_checked:  # once: a model returning a tuple or a dict is a one-line error
+                check_output(self.model, out)
+                self.output_checked = True
+            return out
+
+        if x.shape[0] == 1:
+            return one(0)[None]
+        return torch.stack([one(i) for i in range(x.shape[0])])
 
     def losses(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, path: str) -> torch.Tensor:
         """Each task's loss ``[T]`` of ``f_{θ_i}(x_i)`` against ``y_i``."""
-        if path == "loop" and x.shape[0] == 1:  # one task: the user's loss function itself
+        if path in ("loop", "conv") and x.shape[0] == 1:  # one task: the user's loss function itself
             return self.loss_fn(self.forward(params, shared, x, path)[0], y[0]).unsqueeze(0)
         return self.per_task_loss(self.forward(params, shared, x, path), y)
 
@@ -363,7 +384,7 @@ class TaskEngine:
         check_positive("repeats", repeats, integer=True)
         times: dict[str, float] = {}
         paths = [p for p, ok in (("batched", self.plan is not None), ("vmap", not vmap_unsafe(self.model)),
-                                 ("loop", True)) if ok]
+                                 ("loop", True), ("conv", self.conv_plan is not None)) if ok]
         for path in paths:
             self.execution = path
             run()  # warm-up

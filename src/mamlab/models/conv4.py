@@ -27,6 +27,10 @@ class Conv4(nn.Module):
         downsample: ``"pool"`` (2x2 max-pooling) or ``"stride"`` (stride-2 convolutions).
     """
 
+    #: ``forward(x)`` is ``head(features(x).flatten(1))``; the CPU conv path (``mamlab.core.conv``)
+    #: reads this declaration to recognise the network.
+    features_head = ("features", "head")
+
     def __init__(self, ways: int, in_channels: int = 1, hidden: int = 64, image_size: int = 28,
                  downsample: str = "pool") -> None:
         super().__init__()

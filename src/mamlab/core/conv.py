@@ -1,0 +1,193 @@
+"""A CPU forward for Conv4-like networks: channels-last, pooling before ReLU, a folded first BatchNorm.
+
+The per-task loop runs a conv net as PyTorch's modules do, in NCHW memory. On the CPU that layout
+is slow for everything but the convolutions: a profile of second-order MAML on Conv4 (5-way
+1-shot, 15 queries; ``benchmarks/conv_cpu.py --profile loop``) spends more time in max-pooling,
+BatchNorm, ReLU and zero-fills of the 64x28x28 maps than in the convolutions. ``conv_forward``
+computes the same function with three changes, each exact in real arithmetic:
+
+* channels-last memory (NHWC), where PyTorch's max-pooling and BatchNorm are many times faster on
+  those maps (``benchmarks/conv_cpu.py --profile``), and oneDNN's convolutions need no reorders;
+* ``MaxPool2d`` before a ``ReLU`` that precedes it. The two commute exactly, values and gradients
+  alike: over a window whose maximum is positive both pick the same (first) maximal element, over
+  one whose maximum is <= 0 both give a zero output and a zero gradient; ReLU then touches a
+  quarter of the memory;
+* a ``BatchNorm2d`` (batch statistics) right after a convolution whose patches are small (at most
+  ``FOLD_MAX`` numbers, as Conv4's first layer, 1x3x3) is folded into it: its mean and variance
+  are computed from the input patches' mean and covariance, so the 64x28x28 output is written
+  once and never read back for statistics, nor kept for BatchNorm's backward.
+
+``conv_plan_for`` recognises the networks it can run: a ``nn.Sequential`` of ``Conv2d``,
+``BatchNorm2d`` without running statistics, elementwise activations and ``MaxPool2d``, then
+``Flatten`` and a ``Linear`` head; or a model that declares ``features_head = ("features",
+"head")`` (``mamlab.models.Conv4``), meaning its forward is ``head(features(x).flatten(1))``. Any
+other model returns ``None`` and keeps the engine's other paths.
+
+Each task runs on its own, as on the loop path, so peak memory is one task's graph: grouped
+convolutions over the tasks of a meta-batch measured slower (README, Speed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamlab.core.batched import ELEMENTWISE
+from mamlab.errors import MamlabError
+
+__all__ = ["ConvPlan", "conv_plan_for", "conv_forward"]
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """A recognised conv net: ``layers`` as ``(parameter prefix, module)``, then the linear ``head``.
+
+    ``add_channel``: a 3-d input ``[N, H, W]`` gets a channel dimension (as ``Conv4.forward`` does).
+    """
+
+    layers: tuple[tuple[str, nn.Module], ...]
+    head: tuple[str, nn.Linear]
+    add_channel: bool
+
+
+def _layer_ok(module: nn.Module) -> bool:
+    if type(module) is nn.Conv2d:
+        return module.padding_mode == "zeros"
+    if type(module) is nn.BatchNorm2d:
+        return not module.track_running_stats
+    if type(module) is nn.MaxPool2d:
+        return not module.return_indices
+    return type(module) in ELEMENTWISE
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _declares_features_head(model: nn.Module) -> bool:
+    """Whether the class that declares ``features_head`` also defines the forward that is run."""
+    for cls in type(model).__mro__:
+        if "features_head" in vars(cls):
+            own_forward = vars(cls).get("forward") is type(model).forward
+            return own_forward and cls.features_head == ("features", "head")
+    return False
+
+
+def conv_plan_for(model: nn.Module) -> ConvPlan | None:
+    """The plan ``conv_forward`` runs for ``model``, or ``None`` if it is not a Conv4-like net."""
+    if _plain_sequential(model):
+        children = list(model.named_children())
+        if len(children) < 3 or type(children[-2][1]) is not nn.Flatten:
+            return None
+        if type(children[-1][1]) is not nn.Linear:
+            return None
+        flatten = children[-2][1]
+        if (flatten.start_dim, flatten.end_dim) != (1, -1):
+            return None
+        body, (head_name, head) = children[:-2], children[-1]
+        layers = tuple((f"{name}.", m) for name, m in body)
+        add_channel = False
+    elif _declares_features_head(model):
+        features, head = getattr(model, "features", None), getattr(model, "head", None)
+        if not _plain_sequential(features) or type(head) is not nn.Linear:
+            return None
+        if {name for name, _ in model.named_children()} != {"features", "head"}:
+            return None
+        layers = tuple((f"features.{name}.", m) for name, m in features.named_children())
+        head_name, add_channel = "head", True
+    else:
+        return None
+    if not all(_layer_ok(m) for _, m in layers) or not any(type(m) is nn.Conv2d for _, m in layers):
+        return None
+    return ConvPlan(layers, (f"{head_name}.", head), add_channel)
+
+
+def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f_θ(x) for one task: ``params`` by the model's parameter names (no task dimension), ``x``
+    ``[N, C, H, W]`` (or ``[N, H, W]`` where the plan adds the channel). A parameter missing from
+    ``params`` is the module's own. Same values as the model's forward; the maps are channels-last."""
+    if plan.add_channel and x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4:
+        raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape)}; "
+                          "use execution 'loop' for this input")
+    # ``.contiguous(memory_format=...)`` keeps a 1-channel tensor's NCHW strides (it is both); an
+    # explicit copy gives the NHWC strides that make oneDNN produce channels-last outputs
+    h = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    layers = plan.layers
+    i = 0
+    while i < len(layers):
+        prefix, m = layers[i]
+        nxt = layers[i + 1][1] if i + 1 < len(layers) else None
+        if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _foldable(m):
+            bn_prefix = layers[i + 1][0]
+            h = _conv_batch_norm(h, m, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
+                                 nxt, _get(params, bn_prefix, nxt, "weight"),  # type: ignore[arg-type]
+                                 _get(params, bn_prefix, nxt, "bias"))
+            i += 1
+        elif type(m) is nn.Conv2d:
+            h = F.conv2d(h, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"), m.stride,
+                         m.padding, m.dilation, m.groups)
+        elif type(m) is nn.BatchNorm2d:  # no running statistics (the plan's rule): batch statistics
+            weight, bias = _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias")
+            h = F.batch_norm(h, None, None, weight, bias, training=True, momentum=0.0, eps=m.eps)
+        elif type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
+            h = F.relu(_pool(layers[i + 1][1], h))  # pool first: the same values and gradients
+            i += 1
+        elif type(m) is nn.MaxPool2d:
+            h = _pool(m, h)
+        else:
+            h = m(h)
+        i += 1
+    prefix, head = plan.head
+    return F.linear(h.flatten(1), _get(params, prefix, head, "weight"), _get(params, prefix, head, "bias"))
+
+
+#: Fold BatchNorm into the convolution before it when one patch holds at most this many numbers
+#: (in_channels x kernel area; Conv4's first layer: 1 x 3 x 3, RGB 3 x 3 x 3).
+FOLD_MAX = 32
+
+
+def _foldable(conv: nn.Conv2d) -> bool:
+    kh, kw = conv.kernel_size
+    return conv.groups == 1 and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= FOLD_MAX
+
+
+def _conv_batch_norm(h: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
+                     bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
+                     beta: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm(conv(h)) with batch statistics, computed as one convolution.
+
+    With p the input patches (one per output pixel, K = in_channels x kernel area numbers), μ their
+    mean and Σ their covariance over the batch and positions, channel c of conv(h) has mean
+    m_c = w_c·μ + b_c and variance w_cᵀ Σ w_c, so BatchNorm(conv(h)) = conv(h; w_c γ_c / σ_c) +
+    β_c + γ_c (b_c − m_c) / σ_c with σ_c = sqrt(w_cᵀ Σ w_c + eps): the normalization needs no pass
+    over the output map, nor its backward. Σ is K x K, cheap when K is small. The conv bias cancels
+    (b_c − m_c does not depend on it); it stays in the graph with its exact gradient, zero.
+    """
+    cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [N, K, L]
+    patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [M, K]
+    mean = patches.mean(0)
+    centred = patches - mean
+    cov = centred.t() @ centred / patches.shape[0]
+    w = weight.reshape(weight.shape[0], -1)  # [C, K]
+    scale = torch.rsqrt(((w @ cov) * w).sum(1) + bn.eps)
+    if gamma is not None:
+        scale = scale * gamma
+    centre = w @ mean
+    shift = (bias - (centre + bias)) * scale if bias is not None else -centre * scale
+    if beta is not None:
+        shift = shift + beta
+    return F.conv2d(h, weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation)
+
+
+def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: str) -> torch.Tensor | None:
+    return params[prefix + name] if prefix + name in params else getattr(m, name)
+
+
+def _pool(m: nn.MaxPool2d, h: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode)

@@ -1,0 +1,188 @@
+"""The CPU conv path (``execution="conv"``) against the per-task loop path, in float64.
+
+The loop path runs the model's own modules (``functional_call``) in NCHW memory with ReLU before
+max-pooling; the conv path runs ``mamlab.core.conv`` in channels-last memory with pooling first.
+Images are binary, like Omniglot's, so max-pooling windows hold ties, and BatchNorm's weights are
+drawn around zero, so some are negative: the cases where reordering pooling and ReLU could go
+wrong. A conv bias before BatchNorm has an exact gradient of zero (batch statistics remove any
+constant), so both paths give it rounding noise: gradients are compared to 1e-10 relative to the
+whole gradient's norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamlab import MAML, MamlabError, MAMLPlusPlus, TaskBatch
+from mamlab.core.conv import conv_forward, conv_plan_for
+from mamlab.core.execution import default_execution
+from mamlab.models import MLP, Conv4
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def conv4(downsample: str = "pool", seed: int = 0) -> Conv4:
+    torch.manual_seed(seed)
+    model = Conv4(3, hidden=6, image_size=16, downsample=downsample)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # affine, some weights negative
+                m.weight.normal_(0.2, 1.0)
+                m.bias.normal_(0.0, 0.5)
+    return model
+
+
+def binary_batch(tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 3, seed: int = 1) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    sx = (torch.rand(tasks, ways * shots, 1, 16, 16, generator=g) > 0.6).double()
+    qx = (torch.rand(tasks, ways * queries, 1, 16, 16, generator=g) > 0.6).double()
+    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(sx, sy, qx, qy)
+
+
+def assert_grads_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    scale = torch.cat([w.flatten() for w in want]).norm().item()
+    assert scale > 0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * scale)
+
+
+def meta_grads(algo: MAML | MAMLPlusPlus, batch: TaskBatch) -> list[torch.Tensor]:
+    algo.zero_grad(set_to_none=True)
+    algo.meta_loss(batch).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in algo.meta_parameters()]
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_conv_forward_equals_the_modules_forward_values_and_gradients(downsample: str) -> None:
+    model = conv4(downsample)
+    plan = conv_plan_for(model)
+    assert plan is not None
+    x = binary_batch().query_x[0]
+    params = dict(model.named_parameters())
+    got, want = conv_forward(plan, params, x), model(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv_forward(plan, params, x[:, 0]), want, rtol=1e-12, atol=1e-12)  # [N, H, W]
+    target = torch.randn(want.shape)
+    assert_grads_equal(list(torch.autograd.grad((got * target).sum(), list(params.values()))),
+                       list(torch.autograd.grad((want * target).sum(), list(params.values()))))
+
+
+def test_a_plain_sequential_conv_net_runs_the_same() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5, affine=False,
+                                                                                    track_running_stats=False),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(5, 4, 3, stride=2), nn.Tanh(),
+                          nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    plan = conv_plan_for(model)
+    assert plan is not None and default_execution(model) == "conv"
+    x = torch.randn(7, 2, 20, 20)
+    params = dict(model.named_parameters())
+    params["0.weight"] = params["0.weight"] * 1.5  # substituted, not the module's own
+    want = torch.func.functional_call(model, params, (x,))
+    torch.testing.assert_close(conv_forward(plan, params, x), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv_forward(plan, {}, x), model(x), rtol=1e-12, atol=1e-12)  # the model's own
+
+
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+@pytest.mark.parametrize("steps, first_order", [(1, False), (2, False), (1, True)])
+def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: str, steps: int,
+                                                                   first_order: bool) -> None:
+    model = conv4(downsample)
+    batch = binary_batch()
+    conv = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="conv")
+    loop = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="loop")
+    assert_grads_equal(meta_grads(conv, batch), meta_grads(loop, batch))
+    got, want = conv.adapt(batch.support_x, batch.support_y), loop.adapt(batch.support_x, batch.support_y)
+    assert_grads_equal(list(got.values()), list(want.values()))
+    torch.testing.assert_close(conv.predict(got, batch.query_x), loop.predict(want, batch.query_x),
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{"recompute": True, "inner_steps": 2},
+                                     {"inner_params": ["head.weight", "head.bias"]}])  # ANIL
+def test_recompute_and_head_only_adaptation_equal_the_loop_path(options: dict) -> None:
+    model = conv4("stride")
+    batch = binary_batch()
+    conv = MAML(model, F.cross_entropy, 0.3, execution="conv", **options)
+    loop = MAML(model, F.cross_entropy, 0.3, execution="loop", **options)
+    assert_grads_equal(meta_grads(conv, batch), meta_grads(loop, batch))
+
+
+def test_the_folded_first_layer_keeps_its_conv_bias_in_the_graph_with_gradient_zero() -> None:
+    model = conv4()
+    batch = binary_batch(tasks=2)
+    loss = MAML(model, F.cross_entropy, 0.3, execution="conv").query_losses(batch).mean()
+    grads = dict(zip([k for k, _ in model.named_parameters()],
+                     torch.autograd.grad(loss, list(model.parameters())), strict=True))  # no unused tensor
+    assert torch.count_nonzero(grads["features.0.bias"]) == 0  # BatchNorm cancels it exactly
+    assert torch.count_nonzero(grads["features.0.weight"]) > 0
+
+
+@pytest.mark.parametrize("first_order_epochs", [0, 1])
+def test_mamlpp_per_step_batchnorm_and_rates_equal_the_loop_path(first_order_epochs: int) -> None:
+    batch = binary_batch()
+    grads, preds = {}, {}
+    for execution in ("conv", "loop"):
+        model = conv4(seed=3)
+        algo = MAMLPlusPlus(model, F.cross_entropy, 0.2, 2, msl_epochs=2, iterations_per_epoch=1,
+                            first_order_epochs=first_order_epochs, execution=execution)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():  # distinct rates and per-step BatchNorm, so a wrong step index shows
+            for p in algo.lrs.values():
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+            for p in algo.step_bn.values():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        algo.start_iteration(1, 10)  # epoch 0: both steps' query losses count (MSL)
+        assert algo.first_order == bool(first_order_epochs) and len(algo.step_bn) == 8
+        grads[execution] = meta_grads(algo, batch)
+        adapted = algo.adapt(batch.support_x, batch.support_y, steps=3)  # past the trained steps
+        preds[execution] = algo.predict(adapted, batch.query_x)
+    assert_grads_equal(grads["conv"], grads["loop"])
+    torch.testing.assert_close(preds["conv"], preds["loop"], rtol=1e-10, atol=1e-10)
+
+
+def test_only_conv4_like_nets_have_a_plan() -> None:
+    class Reordered(Conv4):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).flip(-1)
+
+    tracking = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    dropout = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout(0.1), nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    no_flatten = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(6, 2))
+    for model in (Reordered(3), tracking, dropout, no_flatten, MLP(1, 1)):
+        assert conv_plan_for(model) is None
+    assert default_execution(Reordered(3)) == "loop" and default_execution(MLP(1, 1)) == "batched"
+    with pytest.raises(MamlabError, match=r"^execution 'conv' needs a Conv4-like net .* got Reordered; "
+                                          r"allowed for this model: auto, vmap, loop$"):
+        MAML(Reordered(3), F.cross_entropy, 0.1, execution="conv")
+
+
+def test_auto_takes_the_conv_path_on_cpu_only() -> None:
+    assert default_execution(Conv4(5)) == "conv"
+    assert default_execution(Conv4(5), "cuda") == "vmap"
+    assert MAML(Conv4(5), F.cross_entropy, 0.1).resolved_execution("cpu") == "conv"
+
+
+def test_tune_times_the_conv_path() -> None:
+    model = conv4()
+    times = MAML(model, F.cross_entropy, 0.3).tune(binary_batch(tasks=2), repeats=1)
+    assert set(times) == {"vmap", "loop", "conv"}
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_images_without_a_batch_dimension_are_a_one_line_error() -> None:
+    model = conv4()
+    with pytest.raises(MamlabError, match=r"^execution 'conv' needs each task's images as \[N, C, H, W\], "
+                                          r"got \(16, 16\); use execution 'loop' for this input$"):
+        conv_forward(conv_plan_for(model), {}, torch.zeros(16, 16))
