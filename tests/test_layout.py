@@ -24,7 +24,7 @@ Data flows: core → models, tasks → algorithms → experiments → config →
                                                    which renders through report: analysis
                                                    produces the numbers, report only draws them,
                                                    so report sits below analysis
-     10    cli, demo, __main__                     the command line and the demo
+     10    cli, demo, __main__, launch             the command line, its entry point and the demo
 
 Imports inside ``if TYPE_CHECKING:`` blocks are exempt (they never run); imports inside functions
 count. A new top-level module or package must be added to ``LAYERS`` before this test passes.
@@ -51,7 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime", "checkpoint", "runlog", "train", "evaluate"),
     ("report",),
     ("analysis", "sweep"),
-    ("cli", "demo", "__main__"),
+    ("cli", "demo", "__main__", "launch"),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

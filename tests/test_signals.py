@@ -152,3 +152,26 @@ def test_a_stopped_eval_or_analyze_is_one_line_and_leaves_no_output(tmp_path: Pa
                                     "--no-progress"], signal.SIGTERM)
     assert done.returncode == 130 and _one_error_line(done.stderr) == "mamlab: interrupted", done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reference"]  # no report, no temporary folder
+
+
+def test_a_ctrl_c_while_pytorch_loads_is_one_line() -> None:
+    # the signal arrives during `import torch`, before any of mamlab's command line exists
+    code = textwrap.dedent("""
+        import builtins, os, signal, sys
+        real = builtins.__import__
+        def patched(name, *args, **kwargs):
+            if name == "torch":
+                builtins.__import__ = real
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(name, *args, **kwargs)
+        builtins.__import__ = patched
+        sys.argv = ["mamlab", "--version"]
+        from mamlab.launch import run
+        run()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "mamlab: interrupted\n" and done.stdout == ""
+    ok = subprocess.run([sys.executable, "-m", "mamlab", "--version"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("mamlab ")

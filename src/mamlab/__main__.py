@@ -1,5 +1,5 @@
-"""``python -m mamlab``: the command line."""
+"""``python -m mamlab``: the command line (a Ctrl-C while PyTorch loads is one line, exit 130)."""
 
-from mamlab.cli import run
+from mamlab.launch import run
 
 run()
