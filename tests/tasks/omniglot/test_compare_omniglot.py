@@ -52,6 +52,7 @@ def test_results_equal_a_direct_evaluation_and_finished_runs_are_skipped(data: P
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["runs"]) == ["fomaml", "reptile"] and saved["iterations"] == 2
     torch.set_num_threads(1)
+    direct_acc: dict[tuple[str, int], torch.Tensor] = {}
     for name in ("fomaml", "reptile"):
         run = load_run(out / "runs" / name)
         r = saved["runs"][name]
@@ -62,14 +63,23 @@ def test_results_equal_a_direct_evaluation_and_finished_runs_are_skipped(data: P
         assert r["challenge"]["errors"] == challenge["errors"]
         assert r["challenge"]["mean"] == pytest.approx(challenge["mean"], abs=1e-12)
         for ways in (20, 5):
-            direct = evaluate_model(run.algorithm, run.config.with_options(ways=ways), shots=1, queries=1,
-                                    steps=(5,), num_tasks=6, seed=0).summary()[0]
+            result = evaluate_model(run.algorithm, run.config.with_options(ways=ways), shots=1, queries=1,
+                                    steps=(5,), num_tasks=6, seed=0)
+            direct, direct_acc[name, ways] = result.summary()[0], result.accuracies[5]
             row = r["episodes"][f"{ways}-way"]["results"][0]
             assert row["steps"] == 5
             assert row["accuracy"] == pytest.approx(direct["accuracy"], abs=1e-12)
             assert row["accuracy_ci95"] == pytest.approx(direct["accuracy_ci95"], abs=1e-12)
         assert r["train_seconds"] == pytest.approx(_metrics_seconds(out / "runs" / name), rel=1e-12)
         assert r["transductive"] == {"challenge": True, "episodes": True}
+    # paired differences from the first run (no maml here), over the same episodes
+    assert saved["runs"]["fomaml"]["minus_base"] == {} and saved["runs"]["reptile"]["paired_vs"] == "fomaml"
+    for ways in (20, 5):
+        diff = (direct_acc["reptile", ways] - direct_acc["fomaml", ways]).double()
+        got = saved["runs"]["reptile"]["minus_base"][f"{ways}-way"]
+        assert got["mean"] == pytest.approx(float(diff.mean()), abs=1e-12)
+        half = float(diff.std() / 6 ** 0.5 * 2.570581835636314)  # t(0.975, 5 degrees of freedom)
+        assert got["ci95"] == pytest.approx(half, rel=1e-9)
     reptile = load_run(out / "runs" / "reptile").config
     assert (reptile.meta_optimizer, reptile.meta_lr, reptile.lr_schedule) == ("sgd", 1.0, "linear")
     assert returned["runs"]["fomaml"]["challenge"] == saved["runs"]["fomaml"]["challenge"]
