@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -20,6 +21,7 @@ SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "compare_omniglot.
 def _script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("compare_omniglot", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
