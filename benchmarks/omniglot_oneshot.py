@@ -27,12 +27,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mamlab.config import resolve_config
-from mamlab.evaluate import evaluate_model, evaluate_on_oneshot_runs
+from mamlab.algorithms import MetaAlgorithm
+from mamlab.config import TrainConfig, resolve_config
+from mamlab.evaluate import EvalResult, evaluate_model, evaluate_on_oneshot_runs
 from mamlab.tasks.omniglot.oneshot import (
     evaluate_runs,
     load_runs,
@@ -45,6 +47,32 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 PUBLISHED = {"deep convnet, minimal sets (Lake et al. 2015)": "24.0 / 22.3",
              "Bayesian Program Learning, minimal sets": "4.3 / 4.0",
              "Modified Hausdorff Distance (dataset authors' code)": "38.8"}
+
+
+def episode_protocols(algorithm: MetaAlgorithm, config: TrainConfig, *, ways: Sequence[int] = (20, 5),
+                      steps: Sequence[int] = (0, 5, 10), num_tasks: int = 600,
+                      seed: int = 0) -> dict[int, EvalResult]:
+    """The standard protocol on the minimal split: ``num_tasks`` N-way 1-shot episodes per N in ``ways``.
+
+    Each episode has 1 query per class, its classes drawn within one of the 20 one-shot runs (the
+    minimal split's only evaluation images), from the evaluation stream of ``seed`` (the same
+    episodes for every model). A model with more outputs than N uses its first N (labels 0..N-1).
+    The query images of an episode are classified together: BatchNorm normalizes them with their
+    own batch statistics, so this evaluation is transductive (as in Finn et al.'s code).
+    """
+    return {w: evaluate_model(algorithm, config.with_options(ways=w), shots=1, queries=1, steps=tuple(steps),
+                              num_tasks=num_tasks, seed=seed) for w in ways}
+
+
+def protocol_text(result: EvalResult, ways: int, model_ways: int) -> str:
+    """The printed lines of one ``episode_protocols`` result: accuracy ± 95% CI per step count."""
+    lines = [f"{result.num_tasks} {ways}-way 1-shot episodes, 1 query per class, classes within one run "
+             f"(eval seed {result.seed})" + (f" (the {model_ways}-way model's head, labels 0-{ways - 1})"
+                                             if ways < model_ways else "") + ":"]
+    for row in result.summary():
+        lines.append(f"  {row['steps']:>2} steps: accuracy {100 * row['accuracy']:.2f}% "
+                     f"± {100 * row['accuracy_ci95']:.2f}%")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -113,15 +141,9 @@ def main() -> int:
         baselines["modified_hausdorff"] = mhd
     for name, value in PUBLISHED.items():
         print(f"published: {name}: {value}")
-    protocols = {}
-    for ways in (20, 5):
-        cw = c.with_options(ways=ways)
-        protocols[ways] = evaluate_model(run.algorithm, cw, shots=1, queries=1, steps=(0, c.inner_steps, 10),
-                                         num_tasks=600, seed=0)
-        print(f"\n600 {ways}-way 1-shot episodes, 1 query per class, classes within one run (eval seed 0)"
-              + (" (the 20-way model's head, labels 0-4)" if ways < c.ways else "") + ":")
-        for row in protocols[ways].summary():
-            print(f"  {row['steps']:>2} steps: accuracy {100 * row['accuracy']:.2f}% ± {100 * row['accuracy_ci95']:.2f}%")
+    protocols = episode_protocols(run.algorithm, c, steps=(0, c.inner_steps, 10))
+    for ways, result in protocols.items():
+        print("\n" + protocol_text(result, ways, c.ways))
     (args.out / "omniglot_results.json").write_text(json.dumps({
         "config": c.to_dict(), "iteration": run.iteration, "train_seconds": seconds,
         "challenge": {k: v for k, v in challenge.items() if k != "table"}, "baselines": baselines,
