@@ -199,10 +199,13 @@ class Cubed(nn.Module):
         return _NotTwice.apply(self.lin(x))
 
 
-def test_a_once_differentiable_backward_names_the_fix() -> None:
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_once_differentiable_backward_names_the_fix(recompute: bool) -> None:
+    # with recompute the second-order inner gradients exist only in backward: checked there
+    maml = MAML(Cubed(), F.mse_loss, inner_lr=0.01, execution="loop", recompute=recompute)
     with pytest.raises(MamlabError, match="^second-order meta-gradients differentiate Cubed's backward pass.*"
                                           "once_differentiable.*first_order=True"):
-        MAML(Cubed(), F.mse_loss, inner_lr=0.01, execution="loop").meta_loss(_batch()).backward()
+        maml.meta_loss(_batch()).backward()
     MAML(Cubed(), F.mse_loss, inner_lr=0.01, execution="loop", first_order=True).meta_loss(_batch()).backward()
 
 

@@ -228,6 +228,9 @@ class InnerLoopAlgorithm(MetaAlgorithm):
         def step(k: int) -> Callable[[Params, Params, bool], Params]:
             def run(p: Params, s: Params, create_graph: bool) -> Params:
                 grads = grad_of(self.engine.losses(p, s, x, y, path).sum(), p, create_graph)
+                if create_graph and not self.second_order_checked:  # in backward: the first recomputed step
+                    check_second_order(grads, self.model)
+                    self.second_order_checked = True
                 return self.inner_update(p, grads, first_step + k, lr)
             return run
 
