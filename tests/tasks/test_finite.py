@@ -148,3 +148,14 @@ def test_analyze_checks_a_pool_run_on_its_own_pool(tmp_path) -> None:
                        echo=lambda s: None)
     page = out.read_text()
     assert "fixed pool of 3 tasks" in page and "pool query" in page and "train-distribution" not in page
+
+
+def test_a_pool_too_big_for_memory_is_refused_before_it_is_drawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mamlab.tasks.finite as finite
+
+    monkeypatch.setattr(finite, "available_bytes", lambda device="cpu": 10_000)
+    # 1,000 tasks x 20 examples x (3 inputs + 1 target) float32 = 320 KB, twice while drawn
+    with pytest.raises(MamlabError, match=r"^a pool of 1000 tasks with 20 examples each needs about 625 KiB "
+                                          r"while it is drawn, and 9.77 KiB of memory is free; lower train_tasks"):
+        TaskPool(LinearRegression(dim=3), 1000, 20, torch.Generator().manual_seed(0))
+    TaskPool(LinearRegression(dim=3), 10, 20, torch.Generator().manual_seed(0))  # 6.25 KiB fits

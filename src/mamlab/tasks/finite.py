@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from mamlab.core.memory import available_bytes, format_bytes
 from mamlab.errors import MamlabError, check_positive
 from mamlab.tasks.base import ParametricTasks, TaskBatch, TaskFamily
 
@@ -51,6 +52,7 @@ class TaskPool:
         self.ways = int(getattr(family, "ways", 1))
         self.name = f"{getattr(family, 'name', 'tasks')} pool"
         self.params: dict[str, torch.Tensor] | None = None
+        self._check_memory(family)
         if isinstance(family, ParametricTasks):
             self.params = family.sample_tasks(self.num_tasks, generator)
             batch = family.batch(self.params, self.examples - 1, 1, generator)
@@ -62,6 +64,18 @@ class TaskPool:
                             batch.query_x.reshape(m, w, 1, *batch.query_x.shape[2:])], dim=2)
         self.y = torch.cat([batch.support_y.reshape(m, w, self.examples - 1, *batch.support_y.shape[2:]),
                             batch.query_y.reshape(m, w, 1, *batch.query_y.shape[2:])], dim=2)
+
+    def _check_memory(self, family: TaskFamily) -> None:
+        """A one-line error, before the pool is drawn, if its examples cannot fit in free memory."""
+        one = family.sample(1, self.examples - 1, 1, torch.Generator().manual_seed(0))  # sizes only
+        per_task = sum(t.numel() * t.element_size() for t in (one.support_x, one.support_y, one.query_x,
+                                                              one.query_y))
+        need = 2 * per_task * self.num_tasks  # the drawn batch and the pool made from it, at the peak
+        free = available_bytes("cpu")
+        if free is not None and need > free:
+            raise MamlabError(f"a pool of {self.num_tasks} tasks with {self.examples} examples each needs "
+                              f"about {format_bytes(need)} while it is drawn, and {format_bytes(free)} of "
+                              "memory is free; lower train_tasks or train_examples")
 
     def check(self, shots: int, queries: int) -> None:
         """A one-line error unless ``shots + queries`` examples fit in each task's N."""
