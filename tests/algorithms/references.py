@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamlab import TaskBatch
+
 
 def mlp_forward(p: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The MLP written out by hand: Linear-ReLU-...-Linear with weights p = [W0, b0, W1, b1, ...]."""
@@ -50,3 +52,13 @@ def convbn_by_hand(conv: list[torch.Tensor], bn: list[torch.Tensor], x: torch.Te
     h = F.max_pool2d(torch.relu(norm(F.conv2d(x, c1w, c1b, padding=1), w1, b1)), 2)
     h = F.max_pool2d(torch.relu(norm(F.conv2d(h, c2w, c2b, padding=1), w2, b2)), 2)
     return h.flatten(1) @ hw.t() + hb
+
+
+def image_batch(tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 2, seed: int = 0) -> TaskBatch:
+    """Random 8x8 one-channel images for ``tasks`` N-way tasks, labels class by class (for ConvBN)."""
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(tasks, ways * shots, 1, 8, 8, generator=g)
+    qx = torch.randn(tasks, ways * queries, 1, 8, 8, generator=g)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
+    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(sx, sy, qx, qy)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from references import ConvBN, convbn_by_hand, mlp_forward
+from references import ConvBN, convbn_by_hand, image_batch, mlp_forward
 from torch import nn
 
 from mamlab import MAML, MamlabError, TaskBatch
@@ -51,15 +51,6 @@ def assert_close(a: list[torch.Tensor], b: list[torch.Tensor], rtol: float = 1e-
                  atol: float = 1e-11) -> None:
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
-
-
-def image_batch(tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 2, seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(tasks, ways * shots, 1, 8, 8, generator=g)
-    qx = torch.randn(tasks, ways * queries, 1, 8, 8, generator=g)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
-    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-    return TaskBatch(sx, sy, qx, qy)
 
 
 # ---------------------------------------------------------------- 1. against a per-task loop

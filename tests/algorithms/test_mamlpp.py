@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from references import ConvBN, convbn_by_hand, mlp_forward
+from references import ConvBN, convbn_by_hand, image_batch, mlp_forward
 
-from mamlab import MamlabError, MAMLPlusPlus, TaskBatch, build_algorithm
+from mamlab import MamlabError, MAMLPlusPlus, build_algorithm
 from mamlab.algorithms.mamlpp import AdaptedParams, msl_weights
 from mamlab.checkpoint import load_checkpoint
 from mamlab.config import resolve_config
@@ -49,15 +49,6 @@ convbn_forward = convbn_by_hand  # p = conv/head weights, bn = [w1, b1, w2, b2] 
 
 INNER = ["c1.weight", "c1.bias", "c2.weight", "c2.bias", "head.weight", "head.bias"]
 NORM = ["b1.weight", "b1.bias", "b2.weight", "b2.bias"]
-
-
-def image_batch(tasks: int = 3, ways: int = 3, shots: int = 2, queries: int = 2, seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(tasks, ways * shots, 1, 8, 8, generator=g)
-    qx = torch.randn(tasks, ways * queries, 1, 8, 8, generator=g)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).contiguous()
-    qy = torch.arange(ways).repeat_interleave(queries).expand(tasks, -1).contiguous()
-    return TaskBatch(sx, sy, qx, qy)
 
 
 def perturb(algo: MAMLPlusPlus, seed: int) -> None:
