@@ -21,11 +21,12 @@ from mamlab.algorithms import MetaAlgorithm, build_algorithm
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError, check_positive
 from mamlab.experiments import accuracy, build_family, is_classification, loss_for
-from mamlab.stats import mean_ci, median_ci
+from mamlab.stats import mean_ci, median_ci, unpaired_difference_ci
 from mamlab.tasks.base import TaskBatch, TaskFamily
 
-__all__ = ["evaluate_on_oneshot_runs", "pool_gap", "gap_summary", "EVAL_SEED_OFFSET", "eval_generator",
-           "eval_episodes", "EvalResult", "evaluate_model", "per_task_scores", "parse_steps"]
+__all__ = ["evaluate_on_oneshot_runs", "pool_gap", "gap_summary", "finite_gap", "EVAL_SEED_OFFSET",
+           "eval_generator", "eval_episodes", "EvalResult", "evaluate_model", "per_task_scores",
+           "parse_steps"]
 
 #: Evaluation streams are seeded with ``EVAL_SEED_OFFSET + seed``, away from training seeds.
 EVAL_SEED_OFFSET = 1_000_003
@@ -228,14 +229,26 @@ def pool_gap(model: nn.Module | MetaAlgorithm, config: TrainConfig, *, num_tasks
     return out
 
 
+def finite_gap(a: torch.Tensor | Sequence[float],
+               b: torch.Tensor | Sequence[float]) -> tuple[float, float] | None:
+    """Mean of ``a`` minus mean of ``b`` over the finite values of each, with Welch's 95% half-width.
+
+    ``a`` and ``b`` are per-task losses of different tasks (so unpaired); a diverged task (not
+    finite) is left out of its side. None when a side has fewer than two finite values.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = a[torch.isfinite(a)], b[torch.isfinite(b)]
+    if a.numel() < 2 or b.numel() < 2:
+        return None
+    return unpaired_difference_ci(a, b)
+
+
 def gap_summary(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
     """Per step count: each kind's mean loss ± CI, and the gaps ``new − pool`` (and ``new − recurring``).
 
     Episodes of different kinds are different tasks, so a gap's interval is the unpaired
     (Welch) one over the finite tasks of both kinds.
     """
-    from mamlab.stats import unpaired_difference_ci
-
     rows = []
     for s in results["new"].steps:
         row: dict[str, Any] = {"steps": s}
@@ -245,12 +258,9 @@ def gap_summary(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
             if "accuracy" in summary:
                 row[kind].update(accuracy=summary["accuracy"], accuracy_ci95=summary["accuracy_ci95"])
         for ref in ("pool", "recurring"):
-            if ref in results:
-                a, b = results["new"].losses[s], results[ref].losses[s]
-                a, b = a[torch.isfinite(a)], b[torch.isfinite(b)]
-                if a.numel() >= 2 and b.numel() >= 2:
-                    d, ci = unpaired_difference_ci(a, b)
-                    row[f"gap_{ref}"] = {"loss": d, "loss_ci95": ci}
+            gap = finite_gap(results["new"].losses[s], results[ref].losses[s]) if ref in results else None
+            if gap is not None:
+                row[f"gap_{ref}"] = {"loss": gap[0], "loss_ci95": gap[1]}
         rows.append(row)
     return rows
 

@@ -200,11 +200,6 @@ def _neg(e: Estimate | Median) -> Estimate | Median:
     return Estimate(-e.mean, e.ci, e.n, e.confidence)
 
 
-def _single_lr(learner: st.Learner) -> float | None:
-    """The learner's inner step size α where it has a single positive one, else None (e.g. learned ones)."""
-    return st.single_inner_lr(learner)
-
-
 def _two_over_alpha(inner_lrs: dict[str, float | None], names: Sequence[str]) -> dict[str, float]:
     """Legend label → 2/α for each distinct single α among ``names`` (GD on a quadratic is stable below)."""
     by_lr: dict[float, list[str]] = {}
@@ -237,7 +232,7 @@ class SectionContext:
         self.classify = is_classification(config)
         self.unit = "cross-entropy" if self.classify else "MSE"
         self.task = config.task
-        self.inner_lrs = {lr.name: _single_lr(lr) for lr in learners}
+        self.inner_lrs = {lr.name: st.single_inner_lr(lr) for lr in learners}
 
     def line(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,7 +61,6 @@ class PowerLawFit:
     dof: int
     excluded: int
     residual_sd: float
-    regressors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the fit."""
@@ -127,4 +126,4 @@ def power_law_fit(y: Sequence[float], confidence: float = 0.95, **xs: Sequence[f
     else:
         half, sd = [math.nan] * p, math.nan
     slopes = {k: Slope(float(coef[i + 1]), half[i + 1], confidence) for i, k in enumerate(cols)}
-    return PowerLawFit(slopes, float(coef[0]), n, dof, excluded, sd, list(cols))
+    return PowerLawFit(slopes, float(coef[0]), n, dof, excluded, sd)

@@ -35,7 +35,7 @@ from typing import Any
 from mamlab.checkpoint import CheckpointError
 from mamlab.config import TrainConfig
 from mamlab.errors import MamlabError
-from mamlab.evaluate import EvalResult, evaluate_model
+from mamlab.evaluate import EvalResult, evaluate_model, finite_gap
 from mamlab.experiments import build_family
 from mamlab.files import MIB, read_json, read_regular, read_regular_text
 from mamlab.runlog import write_json_atomic
@@ -95,12 +95,10 @@ def _row(result: EvalResult, steps: int) -> dict[str, Any]:
 
 def _gap(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """``a − b`` of two sets of tasks' losses (different tasks: Welch's interval), over finite ones."""
-    fa = [v for v in a["losses"] if v == v and abs(v) != float("inf")]
-    fb = [v for v in b["losses"] if v == v and abs(v) != float("inf")]
-    if len(fa) < 2 or len(fb) < 2:
+    gap = finite_gap(a["losses"], b["losses"])
+    if gap is None:
         return {"mean": float("nan"), "ci": float("nan")}
-    mean, ci = unpaired_difference_ci(fa, fb)
-    out = {"mean": mean, "ci": ci}
+    out = {"mean": gap[0], "ci": gap[1]}
     if "accuracies" in a and "accuracies" in b:
         am, aci = unpaired_difference_ci(a["accuracies"], b["accuracies"])
         out.update(accuracy_mean=am, accuracy_ci=aci)
