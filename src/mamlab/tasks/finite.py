@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from mamlab.core.memory import available_bytes, format_bytes
+from mamlab.core.memory import available_bytes, batch_bytes, format_bytes
 from mamlab.errors import MamlabError, check_positive
 from mamlab.tasks.base import ParametricTasks, TaskBatch, TaskFamily
 
@@ -68,9 +68,7 @@ class TaskPool:
     def _check_memory(self, family: TaskFamily) -> None:
         """A one-line error, before the pool is drawn, if its examples cannot fit in free memory."""
         one = family.sample(1, self.examples - 1, 1, torch.Generator().manual_seed(0))  # sizes only
-        per_task = sum(t.numel() * t.element_size() for t in (one.support_x, one.support_y, one.query_x,
-                                                              one.query_y))
-        need = 2 * per_task * self.num_tasks  # the drawn batch and the pool made from it, at the peak
+        need = 2 * batch_bytes(one) * self.num_tasks  # the drawn batch and the pool made from it, at the peak
         free = available_bytes("cpu")
         if free is not None and need > free:
             raise MamlabError(f"a pool of {self.num_tasks} tasks with {self.examples} examples each needs "
