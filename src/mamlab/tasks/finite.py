@@ -58,12 +58,15 @@ class TaskPool:
             batch = family.batch(self.params, self.examples - 1, 1, generator)
         else:
             batch = family.sample(self.num_tasks, self.examples - 1, 1, generator)
-        # [M, ways, N, ...]: each task's examples, class by class (one "class" for regression)
-        m, w = self.num_tasks, self.ways
-        self.x = torch.cat([batch.support_x.reshape(m, w, self.examples - 1, *batch.support_x.shape[2:]),
-                            batch.query_x.reshape(m, w, 1, *batch.query_x.shape[2:])], dim=2)
-        self.y = torch.cat([batch.support_y.reshape(m, w, self.examples - 1, *batch.support_y.shape[2:]),
-                            batch.query_y.reshape(m, w, 1, *batch.query_y.shape[2:])], dim=2)
+
+        def by_class(support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+            """[M, ways, N, ...]: each task's examples, class by class (one "class" for regression)."""
+            m, w = self.num_tasks, self.ways
+            return torch.cat([support.reshape(m, w, -1, *support.shape[2:]),
+                              query.reshape(m, w, -1, *query.shape[2:])], dim=2)
+
+        self.x = by_class(batch.support_x, batch.query_x)
+        self.y = by_class(batch.support_y, batch.query_y)
 
     def _check_memory(self, family: TaskFamily) -> None:
         """A one-line error, before the pool is drawn, if its examples cannot fit in free memory."""
