@@ -138,6 +138,12 @@ def test_layout_latest_and_listing(tmp_path):
     assert sorted(p.name for p in paths[1].iterdir()) == ["SHA256SUMS", "state.json", "weights.safetensors"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_1000000"
     assert list_checkpoints(tmp_path) == paths  # numeric order, all kept by default
+    # at most 2 or 3, evenly spaced: the first and the last always, then the middle by index
+    assert list_checkpoints(tmp_path, most=2) == [paths[0], paths[-1]]
+    assert list_checkpoints(tmp_path, most=3) == [paths[0], paths[2], paths[-1]]
+    assert list_checkpoints(tmp_path, most=4) == paths
+    with pytest.raises(MamlabError, match="most must be an integer >= 2"):
+        list_checkpoints(tmp_path, most=1)
     assert latest_checkpoint(tmp_path) == paths[-1]
     # load_checkpoint accepts a run dir, a checkpoint dir, or a file in one
     assert load_checkpoint(tmp_path).iteration == 1_000_000

@@ -375,12 +375,15 @@ def _remove_stale_temps(ckpt_root: Path) -> None:
 # --------------------------------------------------------------------------- find
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+def list_checkpoints(run_dir: str | os.PathLike[str], most: int | None = None) -> list[Path]:
     """The complete checkpoint directories of a run, oldest (lowest iteration) first.
 
     A directory counts if it is named ``iter_N`` and holds both files; contents are not checked
-    (``load_checkpoint`` does that). A run with no checkpoints gives ``[]``.
+    (``load_checkpoint`` does that). A run with no checkpoints gives ``[]``. With ``most`` (>= 2),
+    at most that many, evenly spaced over the run, the first and the last included.
     """
+    if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 2):
+        raise MamlabError(f"most must be an integer >= 2 (the first and the last checkpoint), got {most!r}")
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -389,7 +392,10 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
         m = _NAME.match(p.name)
         if m and (p / WEIGHTS_FILE).is_file() and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    paths = [p for _, p in sorted(found)]
+    if most is not None and len(paths) > most:
+        paths = [paths[i] for i in sorted({round(i * (len(paths) - 1) / (most - 1)) for i in range(most)})]
+    return paths
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:

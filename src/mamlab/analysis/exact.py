@@ -53,12 +53,8 @@ MAX_POINTS = 50
 
 def _checkpoints(run: Run) -> list[tuple[int, torch.Tensor]]:
     """(iteration, θ) for up to ``MAX_POINTS`` checkpoints of a run, then its final model."""
-    paths = list_checkpoints(run.path)
-    if len(paths) > MAX_POINTS:
-        idx = sorted({round(i * (len(paths) - 1) / (MAX_POINTS - 1)) for i in range(MAX_POINTS)})
-        paths = [paths[i] for i in idx]
     points = {}
-    for p in paths:
+    for p in list_checkpoints(run.path, most=MAX_POINTS):
         snap = load_run(run.path, checkpoint=p)
         points[int(snap.iteration or 0)] = lt.linear_parameters(snap.model)
     points[int(run.iteration or 0)] = lt.linear_parameters(run.model)

@@ -402,12 +402,8 @@ def analyze_runs(
 
 def _snapshots(run: Run) -> list[tuple[int, MetaAlgorithm]]:
     """Up to ``MAX_CHECKPOINTS`` evenly spaced checkpoints of a run (first and last included)."""
-    paths = list_checkpoints(run.path)
-    if len(paths) > MAX_CHECKPOINTS:
-        idx = sorted({round(i * (len(paths) - 1) / (MAX_CHECKPOINTS - 1)) for i in range(MAX_CHECKPOINTS)})
-        paths = [paths[i] for i in idx]
     snaps = []
-    for p in paths:
+    for p in list_checkpoints(run.path, most=MAX_CHECKPOINTS):
         loaded = load_run(run.path, checkpoint=p, device=next(run.model.parameters()).device)
         snaps.append((int(loaded.iteration or 0), loaded.algorithm))
     return snaps
