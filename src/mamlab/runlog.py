@@ -29,6 +29,7 @@ import json
 import numbers
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ __all__ = [
     "LOCK_FILE",
     "RunLock",
     "check_replaceable",
+    "clear_directory",
     "flatten_hparams",
     "is_mamlab_run",
     "RunLogger",
@@ -514,3 +516,17 @@ def check_replaceable(path: Path, what: str, recognised: bool, allowed: frozense
             raise MamlabError(f"--force will not delete {str(path)!r}: besides a mamlab {what} it holds "
                               f"{foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
                               "move them out or choose another output directory")
+
+
+def clear_directory(path: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Delete every entry of ``path`` but those named in ``keep`` (once ``check_replaceable`` agreed).
+
+    A symlink is removed, never followed.
+    """
+    for entry in path.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -63,6 +62,7 @@ from mamlab.runlog import (
     RunLock,
     RunLogger,
     check_replaceable,
+    clear_directory,
     is_mamlab_run,
     run_metadata,
     write_json_atomic,
@@ -398,12 +398,7 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             echo(f"resuming {out_dir} from iteration {start} of {config.iterations}")
     elif dist.is_main:
         if force:  # a run of mamlab's own, checked under the lock: all of it but the lock goes
-            for entry in out_dir.iterdir():
-                if entry.name != LOCK_FILE:
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
+            clear_directory(out_dir, keep=frozenset({LOCK_FILE}))
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / CONFIG_FILE, config.to_dict())
         write_json_atomic(out_dir / "metadata.json", {**run_metadata(), "device": str(device),

@@ -212,15 +212,11 @@ def _prepare(out: Path, spec: SweepSpec, runs: list[SweepRun], force: bool) -> N
 
 def _remove_sweep(out: Path) -> None:
     """``--force``: delete a sweep mamlab wrote (its spec, runs, page and figures) and nothing else."""
-    from mamlab.runlog import check_replaceable
+    from mamlab.runlog import check_replaceable, clear_directory
 
     allowed = frozenset({SPEC_FILE, RUNS_DIR, *_REPORT_ENTRIES})
     check_replaceable(out, "sweep", True, allowed, (".png",))
-    for entry in out.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    clear_directory(out)
 
 
 def _finished(run_dir: Path, run: SweepRun) -> bool:
