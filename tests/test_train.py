@@ -326,3 +326,37 @@ def test_non_finite_data_is_not_blamed_on_the_learning_rates(tmp_path: Path, mon
                                                "not the learning rates") as e:
         train(config, tmp_path / "run", progress=False, echo=lambda s: None)
     assert "learning rate (" not in str(e.value)
+
+
+def test_cuda_graph_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    config = resolve_config("sinusoid", None, {**SMALL, "cuda_graph": True, "device": "cpu"})
+    with pytest.raises(MamlabError, match="CUDA graphs need a CUDA device, got cpu"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    recompute = resolve_config("sinusoid", None, {**SMALL, "cuda_graph": True, "recompute": True})
+    assert recompute.cuda_graph and recompute.recompute  # both are options; together refused on a GPU
+
+
+def test_a_graphed_meta_gradient_trains_the_same_run(tmp_path, monkeypatch):
+    """The training loop with the meta-gradient from a (CPU stand-in for a) CUDA graph: the same model."""
+    import mamlab.core.graphs
+    import mamlab.train
+    from eager_graph import EagerGraph
+
+    plain = train(resolve_config("sinusoid", None, {**SMALL, "iterations": 12}), tmp_path / "plain", progress=False)
+    monkeypatch.setattr(mamlab.core.graphs, "check_capturable", lambda algorithm, device: None)
+    calls = []
+
+    class Counted(EagerGraph):
+        def __call__(self, batch):
+            calls.append(batch.num_tasks)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(mamlab.train, "GraphedMetaGradient", Counted)
+    graphed = train(resolve_config("sinusoid", None, {**SMALL, "iterations": 12, "cuda_graph": True}),
+                    tmp_path / "graphed", progress=False)
+    for a, b in zip(plain.algorithm.parameters(), graphed.algorithm.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [r["meta_loss"] for r in read_metrics(tmp_path / "plain")] == \
+        [r["meta_loss"] for r in read_metrics(tmp_path / "graphed")]
+    assert calls == [4] * 12

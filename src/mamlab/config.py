@@ -69,6 +69,8 @@ RUN_OPTIONS: tuple[Option, ...] = (
     Option("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda or cuda:N"),
     Option("precision", "str", "fp32", "fp32, tf32 (CUDA matmuls in TF32) or bf16 (autocast)",
            choices=PRECISIONS),
+    Option("cuda_graph", "bool", False, "CUDA only: capture the meta-gradient as a CUDA graph once and "
+           "replay it (the same kernels without their launch cost; mamlab.core.graphs)"),
     Option("train_tasks", "int", None, "meta-train on a fixed pool of M tasks instead of a fresh task "
            "each time (default: fresh tasks)", positive=True, nullable=True),
     Option("train_examples", "int", None, "examples N of each pool task (per class for classification), "
@@ -78,7 +80,7 @@ RUN_OPTIONS: tuple[Option, ...] = (
 _RUN = {o.name: o for o in RUN_OPTIONS}
 #: Run options that ``mamlab train --resume`` may change; the others are fixed by the run.
 RESUMABLE_OPTIONS = ("iterations", "device", "precision", "val_every", "checkpoint_every", "execution",
-                     "task_chunk")
+                     "task_chunk", "cuda_graph")
 
 
 def option_owner(key: str) -> list[str]:
@@ -118,6 +120,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     precision: str = "fp32"
+    cuda_graph: bool = False
     train_tasks: int | None = None
     train_examples: int | None = None
     task_options: dict[str, Any] = field(default_factory=dict)

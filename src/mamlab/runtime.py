@@ -127,7 +127,8 @@ def _tf32(enabled: bool) -> Iterator[None]:
         torch.set_float32_matmul_precision(matmul_precision)
 
 
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def precision_context(precision: str, device: torch.device,
+                      cache: bool = True) -> contextlib.AbstractContextManager:
     """The scope a forward and backward pass run in, for ``precision`` on ``device``.
 
     * ``fp32``: plain float32; TF32 is explicitly turned off for CUDA matmuls and cuDNN inside the
@@ -140,7 +141,8 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
       run in bfloat16, their outputs are bfloat16 inside the scope.
 
     Parameters and their gradients stay float32 under every precision; only the arithmetic
-    changes. The previous TF32 settings are restored when the scope ends.
+    changes. The previous TF32 settings are restored when the scope ends. ``cache=False`` turns off
+    autocast's cache of bfloat16 weight copies, as a CUDA graph capture requires.
 
     Raises:
         MamlabError: for a precision not in ``PRECISIONS``.
@@ -148,7 +150,7 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     check_choice("precision", precision, PRECISIONS)
     device = torch.device(device)
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return _tf32(precision == "tf32")
 
 

@@ -51,6 +51,7 @@ from mamlab.checkpoint import (
 )
 from mamlab.config import RESUMABLE_OPTIONS, TrainConfig, meta_lr_at
 from mamlab.core.batch import TaskBatch
+from mamlab.core.graphs import GraphedMetaGradient
 from mamlab.core.memory import available_bytes, estimate_step, format_bytes, is_out_of_memory
 from mamlab.errors import MamlabError
 from mamlab.evaluate import per_task_scores
@@ -356,6 +357,11 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
     algorithm = build_run_algorithm(config).to(device)  # initialized on the CPU: the same θ on every device
+    graphed = None  # the meta-gradient as a CUDA graph: refuses the CPU and recompute in one line
+    if config.cuda_graph:
+        def scope() -> contextlib.AbstractContextManager:
+            return precision_context(config.precision, device, cache=False)
+        graphed = GraphedMetaGradient(algorithm, context=scope)
     optimizer = (torch.optim.SGD if config.meta_optimizer == "sgd" else torch.optim.Adam)(
         algorithm.parameters(), lr=config.meta_lr)
     tasks = torch.Generator().manual_seed(TRAIN_SEED_OFFSET + config.seed)
@@ -441,9 +447,12 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             batch = family.sample(config.meta_batch, config.shots, config.queries, tasks)
             algorithm.start_iteration(it, config.iterations)
             optimizer.zero_grad(set_to_none=True)
-            with precision_context(config.precision, device):
-                loss = algorithm.meta_loss(batch.slice(share).to(device))
-                loss.backward()
+            if graphed is not None:  # the same meta-gradient, replayed from a CUDA graph into .grad
+                loss = graphed(batch.slice(share).to(device))
+            else:
+                with precision_context(config.precision, device):
+                    loss = algorithm.meta_loss(batch.slice(share).to(device))
+                    loss.backward()
             # the stop flag travels with the gradient: every rank decides on the same, summed flag, so
             # all of them stop after the same iteration (a signal arriving later counts next iteration)
             value, stopping = dist.all_reduce_gradients(

@@ -21,7 +21,7 @@ objective). How the tasks are computed (batched, conv, vmap, loop, chunks) is th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +103,19 @@ class MetaAlgorithm(nn.Module):
         arguments, so that a resumed run is the same as an uninterrupted one.
         """
         return None
+
+    def rule_key(self) -> Hashable:
+        """What ``meta_loss`` computes besides tensor values: equal keys mean the same kernels.
+
+        A CUDA graph of the meta-step (``mamlab.core.graphs``) bakes in every Python number it read,
+        so it is captured anew when this changes. The default holds every plain Python value of the
+        algorithm (options such as ``inner_lr`` and ``first_order``, MAML++'s epoch), the execution
+        path and chunk, and each module's training mode; an algorithm that keeps such values
+        elsewhere extends it.
+        """
+        plain = (bool, int, float, str, type(None))
+        own = tuple(sorted((k, v) for k, v in vars(self).items() if isinstance(v, plain)))
+        return own, self.execution, self.task_chunk, tuple(m.training for m in self.modules())
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """``meta_loss(batch)``, so the algorithm can be called like any module."""
