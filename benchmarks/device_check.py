@@ -6,11 +6,15 @@ next step still runs, and everything lands in ``--out`` (``device_check.json`` a
 1. float64 meta-gradients on CUDA against the CPU (MAML, first-order MAML, ANIL; the sinusoid MLP
    on the batched path and a small conv + BatchNorm net on the vmap and loop paths): max relative
    difference, the target is 1e-10;
-2. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``);
-3. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated;
-4. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
+2. CUDA graphs (``mamlab.core.graphs``): float64 meta-gradients of replays against eager calls for
+   every algorithm (MAML++ recaptured at each new epoch), and milliseconds per sinusoid
+   meta-iteration with and without;
+3. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``);
+4. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated; the
+   GPU run again with ``--cuda-graph``, compared with the eager one;
+5. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
    meta-batch 16 (Finn et al.'s setting), first and second order, when Omniglot data is given;
-5. ``mamlab eval --omniglot-runs`` and ``mamlab analyze`` on the GPU.
+6. ``mamlab eval --omniglot-runs`` and ``mamlab analyze`` on the GPU.
 
 Usage (``--data``: a folder holding images_background_small1/2.zip and all_runs.zip)::
 
@@ -87,6 +91,72 @@ def gradients(device: torch.device) -> dict:
     return out
 
 
+def cuda_graphs(device: torch.device, quick: bool) -> dict:
+    """``GraphedMetaGradient`` on ``device``: float64 meta-gradients of replays against eager calls,
+    recaptures when the rule changes, and float32 milliseconds per meta-iteration with and without."""
+    from mamlab.core.graphs import GraphedMetaGradient
+
+    out: dict = {"float64_max_relative": {}, "captures": {}}
+    gen = torch.Generator().manual_seed(0)
+    sinus = [Sinusoid().sample(25, 10, 10, gen).to(device=device, dtype=torch.float64) for _ in range(3)]
+    labels = torch.arange(5).repeat(4, 1)
+    images = [TaskBatch(_images(4, 5, gen), labels, _images(4, 5, gen), labels).to(device=device)
+              for _ in range(3)]
+    cases = [(algo, "mlp", lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, sinus, 0.01)
+             for algo in ("maml", "fomaml", "anil", "mamlpp", "metasgd", "imaml", "reptile", "pretrain")]
+    cases += [(algo, "convbn", ConvBN, F.cross_entropy, images, 0.1) for algo in ("maml", "mamlpp")]
+    for algo, name, make, loss, batches, lr in cases:
+        torch.manual_seed(1)
+        models = [make().double().to(device) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        eager, graphed_alg = (build_algorithm(algo, m, loss, {"inner_lr": lr, "inner_steps": 2}) for m in models)
+        for a in (eager, graphed_alg):
+            if algo == "mamlpp":
+                a.iterations_per_epoch = 2  # a new epoch (new loss weights: a recapture) every 2 calls
+        graphed = GraphedMetaGradient(graphed_alg)
+        worst = 0.0
+        for it, batch in enumerate(batches * 2, start=1):
+            for a in (eager, graphed_alg):
+                a.start_iteration(it, 10**6)
+            eager.zero_grad(set_to_none=True)
+            eager.meta_loss(batch).backward()
+            graphed(batch)
+            ref = torch.cat([p.grad.flatten() for p in eager.meta_parameters()])
+            got = torch.cat([p.grad.flatten() for p in graphed_alg.meta_parameters()])
+            worst = max(worst, float((got - ref).norm() / ref.norm()))
+        out["float64_max_relative"][f"{name}/{algo}/{graphed_alg.resolved_execution()}"] = worst
+        out["captures"][f"{name}/{algo}"] = graphed.captures
+
+    def per_iteration(use_graph: bool, batch: TaskBatch, make, loss, iters: int) -> float:
+        torch.manual_seed(0)
+        algorithm = build_algorithm("maml", make().to(device), loss, {"inner_lr": 0.01})
+        opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
+        graphed = GraphedMetaGradient(algorithm) if use_graph else None
+        times = []
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda d: None
+        for i in range(iters + 5):
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            if graphed is None:
+                algorithm.meta_loss(batch).backward()
+            else:
+                graphed(batch)
+            opt.step()
+            sync(device)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    sin32 = Sinusoid().sample(25, 10, 10, gen).to(device=device)
+    iters = 50 if quick else 300
+    eager_ms = per_iteration(False, sin32, lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, iters)
+    graph_ms = per_iteration(True, sin32, lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, iters)
+    out["sinusoid_25_tasks_ms_per_iteration"] = {"eager": eager_ms, "graph": graph_ms,
+                                                 "speedup": eager_ms / graph_ms}
+    return out
+
+
 def sh(cmd: list[str], log: Path, timeout: int = 600) -> tuple[int, str, float]:
     """Run a command, log its output, return (exit status, output, seconds)."""
     t0 = time.perf_counter()
@@ -135,6 +205,8 @@ def main() -> int:
         (args.out / "device_check.json").write_text(json.dumps(results, indent=2, default=str))
 
     step("gradients_float64", lambda: gradients(device))
+    if device.type == "cuda":
+        step("cuda_graphs", lambda: cuda_graphs(device, args.quick))
 
     def precision() -> dict:
         rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
@@ -156,6 +228,17 @@ def main() -> int:
         r["train_cpu"], r["sinusoid_s_per_it_cpu"] = rc, rate(text)
         r["resume_on_gpu"] = sh([*mam, "train", "--resume", str(cpu), "--iterations", str(2 * n),
                                  "--device", str(device), "--no-progress"], log)[0]
+        if device.type == "cuda":  # the same run with the meta-gradient replayed from a CUDA graph
+            graphed = args.out / "sin-gpu-graph"
+            rc, text, _ = sh([*mam, "train", "sinusoid", "--out", str(graphed), "--device", str(device),
+                              "--cuda-graph", *small], log)
+            r["train_gpu_graph"], r["sinusoid_s_per_it_gpu_graph"] = rc, rate(text)
+            if rc == 0 and r["train_gpu"] == 0:
+                from mamlab.checkpoint import load_checkpoint
+
+                a = load_checkpoint(graphed / "checkpoints" / f"iter_{n:06d}").model_state
+                b = load_checkpoint(gpu / "checkpoints" / f"iter_{n:06d}").model_state
+                r["graph_vs_eager_max_abs_at_iteration_n"] = max(float((a[k] - b[k]).abs().max()) for k in a)
         from mamlab.checkpoint import load_model
 
         a, b = load_model(gpu / "model.safetensors"), load_model(cpu / "model.safetensors")
