@@ -551,14 +551,13 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _sizes(text: str) -> list[int]:
+def _sizes(text: str) -> list[int] | None:
+    """``"32,128"`` → ``[32, 128]``; None unless every entry is a positive integer."""
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"--scale wants comma-separated positive integers, got {text!r}")
-    return sizes
+        return None
+    return sizes if sizes and min(sizes) >= 1 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads for every implementation (default: torch's choice)")
     parser.add_argument("--peers", type=Path, default=None,
                         help="the peers folder (default: $MAMLAB_PEERS, else <repo>/../shared/peers)")
-    parser.add_argument("--scale", type=_sizes, default=None, metavar="T1,T2,...",
+    parser.add_argument("--scale", default=None, metavar="T1,T2,...",
                         help="Conv4 5-way 1-shot tasks/s and peak memory at these meta-batch sizes")
     parser.add_argument("--check", action="store_true",
                         help="compare every implementation's float64 meta-gradient with the loop's (tiny cases)")
@@ -597,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [i for i in impls or [] if i not in IMPLEMENTATIONS]
     if unknown:
         return _fail(f"unknown implementation {unknown[0]!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    if args.scale is not None:
+        sizes = _sizes(args.scale)
+        if sizes is None:
+            return _fail(f"--scale wants comma-separated positive integers (meta-batch sizes), got {args.scale!r}")
+        args.scale = sizes
+    if args.scale and any(not i.startswith("mamlab") for i in impls or []):
+        bad = next(i for i in impls if not i.startswith("mamlab"))
+        return _fail(f"--scale times mamlab implementations only, got {bad!r}; "
+                     f"allowed: {', '.join(i for i in IMPLEMENTATIONS if i.startswith('mamlab'))}")
     peers = args.peers if args.peers is not None else default_peers()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -110,6 +110,8 @@ def test_cuda_unavailable_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize("argv, message", [
     (["--impls", "mamlab,nope"], "unknown implementation 'nope'"),
     (["--tasks", "0"], "--tasks must be a positive integer, got 0"),
+    (["--scale", "32,x"], "--scale wants comma-separated positive integers (meta-batch sizes), got '32,x'"),
+    (["--scale", "32", "--impls", "loop"], "--scale times mamlab implementations only, got 'loop'"),
 ])
 def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert speed.main(argv) == 2
