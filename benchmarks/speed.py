@@ -62,6 +62,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mamlab import ANIL, MAML, TaskBatch
+from mamlab.core.graphs import GraphedMetaGradient
 from mamlab.errors import MamlabError
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
@@ -242,6 +243,14 @@ def _mamlab(execution: str) -> Callable[[Setup], Step]:
     return build
 
 
+def _mamlab_graph(s: Setup) -> Step:
+    """MAML on the auto path, its meta-gradient replayed from a CUDA graph (``GraphedMetaGradient``)."""
+    if s.batch.support_x.device.type != "cuda":
+        raise Unavailable("CUDA graphs need a CUDA device")
+    graphed = GraphedMetaGradient(MAML(s.model, s.loss_fn, s.lr, inner_steps=s.steps))
+    return lambda: graphed(s.batch)  # sets .grad (the measured loop zeroes it before every step)
+
+
 def _anil(s: Setup) -> Step:
     anil = ANIL(s.model, s.loss_fn, s.lr, inner_steps=s.steps)
     return lambda: anil.meta_loss(s.batch).backward()
@@ -305,6 +314,7 @@ IMPLEMENTATIONS: dict[str, Callable[[Setup], Step]] = {
     "mamlab:vmap": _mamlab("vmap"),
     "mamlab:loop": _mamlab("loop"),
     "mamlab:conv": _mamlab("conv"),
+    "mamlab:graph": _mamlab_graph,
     "anil": _anil,
     "learn2learn": _learn2learn,
     "higher": _higher,
@@ -319,10 +329,11 @@ PEERS = ("learn2learn", "higher", "torchopt")
 
 def default_impls(case: str, device: str) -> list[str]:
     """The implementations a comparison runs for ``case`` on ``device`` by default."""
+    graph = ["mamlab:graph"] if device == "cuda" else []
     if case == "sinusoid":
-        mamlab = ["mamlab", "mamlab:vmap", "mamlab:loop", "anil"]
+        mamlab = ["mamlab", *graph, "mamlab:vmap", "mamlab:loop", "anil"]
     else:
-        mamlab = ["mamlab", *(["mamlab:conv"] if device == "cpu" else []), "mamlab:loop", "mamlab:vmap", "anil"]
+        mamlab = ["mamlab", *graph, "mamlab:conv", "mamlab:loop", "mamlab:vmap", "anil"]
         if case == "omniglot20":
             mamlab = [m for m in mamlab if m != "anil"]
     return ["loop", *mamlab, *PEERS]

@@ -43,6 +43,8 @@ def _available(name: str) -> None:
         pytest.skip(f"no learn2learn loader in {speed.default_peers()}")
     if name in ("higher", "torchopt"):
         pytest.importorskip(name)
+    if name == "mamlab:graph":  # its logic is tested on the CPU in tests/core/test_graphs.py
+        pytest.skip("CUDA graphs need a CUDA device (the tiny cases run on the CPU)")
 
 
 @pytest.mark.parametrize("case", speed.TINY_CASES)
