@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check and timing that needs a GPU, in one call of at most 9 minutes (never run in CI).
+# Every check and timing that needs a GPU, in one call of about 8 minutes (never run in CI).
 #
 # On the GPU machine (no internet; Python 3.12 with torch, numpy, matplotlib, safetensors, tqdm and
 # tensorboard preinstalled), from the repository root, with copies of ../shared/peers and
@@ -12,20 +12,21 @@
 # Each step has its own time limit, a failed step does not stop the next, and everything lands in
 # OUT (at most 8 files, as the device tool brings back): log.txt (all output), device_check.json and
 # commands.log (benchmarks/device_check.py: float64 CUDA-vs-CPU meta-gradients, CUDA graphs against
-# eager calls, precision, resume across devices, Omniglot 20-way speed, analyze), speed.json
-# (benchmarks/speed.py --device cuda: mamlab's paths, CUDA graphs, the per-task loop, learn2learn,
-# higher and TorchOpt), scale.json (tasks per second as the meta-batch grows to 1,024), and the
+# eager calls, precision, resume across devices, Omniglot 20-way speed, analyze), speed-CASE.json
+# for the sinusoid, conv4 and omniglot20 cases (benchmarks/speed.py --device cuda: mamlab's paths,
+# CUDA graphs, the per-task loop, learn2learn, higher and TorchOpt), scale.json (tasks per second as the meta-batch grows to 1,024), and the
 # long-inner-loop and iMAML memory tables in log.txt.
 set -u
 out=${1:?usage: gpu_check.sh OUT [PEERS_DIR] [OMNIGLOT_DIR]}
 peers=${2:-../shared/peers}
 data=${3:-../shared/data/omniglot}
-device=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of the plumbing on a machine without a GPU
+device=${DEVICE:-cuda}  # DEVICE=cpu DRY_LIMIT=20: a dry run of the plumbing, every step cut at 20 s
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" MAMLAB_PEERS="$peers"
 log="$out/log.txt"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, go on whatever happens
   local name=$1 limit=$2; shift 2
+  if [ -n "${DRY_LIMIT:-}" ]; then limit=$DRY_LIMIT; fi
   local t0=$SECONDS
   echo "=== $name: $* (limit ${limit}s)" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
@@ -46,14 +47,18 @@ data_args=()
 if [ -f "$data/all_runs.zip" ]; then data_args=(--data "$data"); else
   echo "no Omniglot data under $data: device_check.py skips the Omniglot speed" | tee -a "$log"; fi
 
-step speed-check 40 python3 benchmarks/speed.py --device "$device" --check
-step device-check 200 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
+step device-check 180 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
   "${data_args[@]}"
 cp /tmp/device_check/device_check.json /tmp/device_check/commands.log "$out/" 2>/dev/null
-step speed 170 python3 benchmarks/speed.py --device "$device" --case all --json "$out/speed.json" \
-  --impls loop,mamlab,mamlab:graph,mamlab:vmap,mamlab:conv,learn2learn,higher,torchopt
-step scale 70 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --json "$out/scale.json" \
-  --impls mamlab,mamlab:conv,mamlab:graph
-step long-inner-loops 30 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3
-step imaml-memory 25 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
+impls=loop,mamlab,mamlab:graph,mamlab:vmap,mamlab:conv,learn2learn,higher,torchopt
+step speed-sinusoid 60 python3 benchmarks/speed.py --device "$device" --case sinusoid --impls "$impls" \
+  --json "$out/speed-sinusoid.json"
+step speed-conv4 70 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$impls" \
+  --json "$out/speed-conv4.json"
+step speed-omniglot20 70 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$impls" \
+  --json "$out/speed-omniglot20.json"
+step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
+  --impls mamlab,mamlab:conv --json "$out/scale.json"
+step long-inner-loops 25 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3
+step imaml-memory 20 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
 echo "=== done" | tee -a "$log"
