@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamlab import MAML, MamlabError, MAMLPlusPlus, TaskBatch
-from mamlab.core.conv import conv_forward, conv_plan_for
+from mamlab import ANIL, MAML, MamlabError, MAMLPlusPlus, TaskBatch
+from mamlab.core.conv import conv_forward, conv_forward_tasks, conv_plan_for
 from mamlab.core.execution import default_execution
 from mamlab.models import MLP, Conv4
 
@@ -96,11 +96,13 @@ def test_a_plain_sequential_conv_net_runs_the_same() -> None:
 
 @pytest.mark.parametrize("downsample", ["pool", "stride"])
 @pytest.mark.parametrize("steps, first_order", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("task_chunk", [None, 3, 5])  # None: one task at a time (the CPU default)
 def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: str, steps: int,
-                                                                   first_order: bool) -> None:
+                                                                   first_order: bool, task_chunk: int | None) -> None:
     model = conv4(downsample)
-    batch = binary_batch()
-    conv = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="conv")
+    batch = binary_batch(tasks=5)  # chunks of 3 and 2 tasks, or all 5 together (the CUDA default)
+    conv = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="conv",
+                task_chunk=task_chunk)
     loop = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="loop")
     assert_grads_equal(meta_grads(conv, batch), meta_grads(loop, batch))
     got, want = conv.adapt(batch.support_x, batch.support_y), loop.adapt(batch.support_x, batch.support_y)
@@ -109,14 +111,57 @@ def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: st
                                rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("task_chunk", [None, 3])
 @pytest.mark.parametrize("options", [{"recompute": True, "inner_steps": 2},
-                                     {"inner_params": ["head.weight", "head.bias"]}])  # ANIL
-def test_recompute_and_head_only_adaptation_equal_the_loop_path(options: dict) -> None:
+                                     {"inner_params": ["head.weight", "head.bias"]},  # ANIL
+                                     {"inner_params": ["features.0.weight", "features.4.bias", "head.bias"]}])
+def test_recompute_and_partial_adaptation_equal_the_loop_path(options: dict, task_chunk: int | None) -> None:
     model = conv4("stride")
-    batch = binary_batch()
-    conv = MAML(model, F.cross_entropy, 0.3, execution="conv", **options)
+    batch = binary_batch(tasks=5)
+    conv = MAML(model, F.cross_entropy, 0.3, execution="conv", task_chunk=task_chunk, **options)
     loop = MAML(model, F.cross_entropy, 0.3, execution="loop", **options)
     assert_grads_equal(meta_grads(conv, batch), meta_grads(loop, batch))
+    got, want = conv.adapt(batch.support_x, batch.support_y), loop.adapt(batch.support_x, batch.support_y)
+    assert_grads_equal(list(got.values()), list(want.values()))
+
+
+def test_anil_equals_the_loop_path_with_tasks_together() -> None:
+    batch = binary_batch(tasks=5)
+    grads = {}
+    for execution, chunk in (("conv", 4), ("loop", None)):  # chunks of 4 tasks and 1 task
+        algo = ANIL(conv4(seed=5), F.cross_entropy, 0.3, 2, execution=execution, task_chunk=chunk)
+        grads[execution] = meta_grads(algo, batch)
+    assert_grads_equal(grads["conv"], grads["loop"])
+
+
+def test_conv_forward_tasks_equals_each_tasks_forward_with_task_batched_and_shared_parameters() -> None:
+    model = conv4()
+    plan = conv_plan_for(model)
+    tasks = 4
+    x = binary_batch(tasks=tasks).query_x
+    g = torch.Generator().manual_seed(7)
+    own = dict(model.named_parameters())
+    batched = {k: (p.detach().expand(tasks, *p.shape) + 0.3 * torch.randn(tasks, *p.shape, generator=g))
+               .requires_grad_(True) for k, p in own.items() if k.startswith(("features.0.", "features.5.", "head.b"))}
+    params = {**own, **batched}
+    got = conv_forward_tasks(plan, params, x)
+    want = torch.stack([torch.func.functional_call(model, {**own, **{k: p[i] for k, p in batched.items()}}, (x[i],))
+                        for i in range(tasks)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv_forward_tasks(plan, params, x[:, :, 0]), want, rtol=1e-12, atol=1e-12)
+    target = torch.randn(want.shape, generator=g)
+    inputs = list(params.values())
+    assert_grads_equal(list(torch.autograd.grad((got * target).sum(), inputs)),
+                       list(torch.autograd.grad((want * target).sum(), inputs)))
+
+
+def test_the_conv_path_runs_one_task_at_a_time_on_cpu_and_all_tasks_together_on_cuda() -> None:
+    engine = MAML(Conv4(5), F.cross_entropy, 0.1, execution="conv").engine
+    assert engine.chunks(3, "conv") == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert engine.chunks(3, "conv", "cuda") == [slice(0, 3)]
+    assert engine.chunks(3, "loop", "cuda") == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    engine = MAML(Conv4(5), F.cross_entropy, 0.1, execution="conv", task_chunk=2).engine
+    assert engine.chunks(5, "conv") == engine.chunks(5, "conv", "cuda") == [slice(0, 2), slice(2, 4), slice(4, 5)]
 
 
 def test_the_folded_first_layer_keeps_its_conv_bias_in_the_graph_with_gradient_zero() -> None:
@@ -129,14 +174,16 @@ def test_the_folded_first_layer_keeps_its_conv_bias_in_the_graph_with_gradient_z
     assert torch.count_nonzero(grads["features.0.weight"]) > 0
 
 
-@pytest.mark.parametrize("first_order_epochs", [0, 1])
-def test_mamlpp_per_step_batchnorm_and_rates_equal_the_loop_path(first_order_epochs: int) -> None:
-    batch = binary_batch()
+@pytest.mark.parametrize("first_order_epochs, task_chunk", [(0, None), (1, None), (0, 3), (1, 3)])
+def test_mamlpp_per_step_batchnorm_and_rates_equal_the_loop_path(first_order_epochs: int,
+                                                                 task_chunk: int | None) -> None:
+    batch = binary_batch(tasks=5)
     grads, preds = {}, {}
     for execution in ("conv", "loop"):
         model = conv4(seed=3)
         algo = MAMLPlusPlus(model, F.cross_entropy, 0.2, 2, msl_epochs=2, iterations_per_epoch=1,
-                            first_order_epochs=first_order_epochs, execution=execution)
+                            first_order_epochs=first_order_epochs, execution=execution,
+                            task_chunk=task_chunk if execution == "conv" else None)
         g = torch.Generator().manual_seed(4)
         with torch.no_grad():  # distinct rates and per-step BatchNorm, so a wrong step index shows
             for p in algo.lrs.values():

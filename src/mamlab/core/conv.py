@@ -39,7 +39,7 @@ from torch import nn
 from mamlab.core.batched import ELEMENTWISE
 from mamlab.errors import MamlabError
 
-__all__ = ["ConvPlan", "conv_plan_for", "conv_forward"]
+__all__ = ["ConvPlan", "conv_plan_for", "conv_forward", "conv_forward_tasks"]
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,36 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
     if x.dim() != 4:
         raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape)}; "
                           "use execution 'loop' for this input")
-    # ``.contiguous(memory_format=...)`` keeps a 1-channel tensor's NCHW strides (it is both); an
-    # explicit copy gives the NHWC strides that make oneDNN produce channels-last outputs
-    h = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+    return _grouped_forward(plan, params, x.unsqueeze(0), 1)[0]
+
+
+def conv_forward_tasks(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f_{θ_i}(x_i) for every task i at once: ``x`` ``[T, N, C, H, W]`` (or ``[T, N, H, W]``), output
+    ``[T, N, out]``.
+
+    A tensor of ``params`` with one more dimension than the module's parameter is task-batched
+    (``[T, ...]``); one with the same dimensions is shared by all tasks; a missing one is the
+    module's own. The T tasks run as the groups of one grouped convolution per layer, with the task
+    dimension folded into the channels (``[N, T*C, H, W]``, channels-last), so each BatchNorm is one
+    ``batch_norm`` over T*C channels (per task and channel, as T separate BatchNorms would be).
+    """
+    if plan.add_channel and x.dim() == 4:
+        x = x.unsqueeze(2)
+    if x.dim() != 5:
+        raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape[1:])}; "
+                          "use execution 'loop' for this input")
+    return _grouped_forward(plan, params, x, x.shape[0])
+
+
+def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor,
+                     tasks: int) -> torch.Tensor:
+    """The forward of ``tasks`` tasks, images ``[T, N, C, H, W]``, in the grouped layout ``[N, T*C, H, W]``."""
+    n = x.shape[1]
+    # an explicit copy: ``.contiguous(memory_format=...)`` keeps a 1-channel tensor's NCHW strides (it
+    # is both), and the NHWC strides are what make oneDNN produce channels-last outputs
+    h = torch.empty((n, tasks * x.shape[2], *x.shape[3:]), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    h.copy_(x.transpose(0, 1).reshape(h.shape))
     layers = plan.layers
     i = 0
     while i < len(layers):
@@ -125,16 +152,18 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
         nxt = layers[i + 1][1] if i + 1 < len(layers) else None
         if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _foldable(m):
             bn_prefix = layers[i + 1][0]
-            h = _conv_batch_norm(h, m, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
+            h = _conv_batch_norm(h, tasks, m, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
                                  nxt, _get(params, bn_prefix, nxt, "weight"),  # type: ignore[arg-type]
                                  _get(params, bn_prefix, nxt, "bias"))
             i += 1
         elif type(m) is nn.Conv2d:
-            h = F.conv2d(h, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"), m.stride,
-                         m.padding, m.dilation, m.groups)
+            h = F.conv2d(h, _per_group(_get(params, prefix, m, "weight"), m.weight, tasks),
+                         _per_group(_get(params, prefix, m, "bias"), m.bias, tasks), m.stride, m.padding,
+                         m.dilation, m.groups * tasks)
         elif type(m) is nn.BatchNorm2d:  # no running statistics (the plan's rule): batch statistics
-            weight, bias = _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias")
-            h = F.batch_norm(h, None, None, weight, bias, training=True, momentum=0.0, eps=m.eps)
+            h = F.batch_norm(h, None, None, _per_group(_get(params, prefix, m, "weight"), m.weight, tasks),
+                             _per_group(_get(params, prefix, m, "bias"), m.bias, tasks), training=True,
+                             momentum=0.0, eps=m.eps)
         elif type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
             h = F.relu(_pool(layers[i + 1][1], h))  # pool first: the same values and gradients
             i += 1
@@ -144,7 +173,22 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
             h = m(h)
         i += 1
     prefix, head = plan.head
-    return F.linear(h.flatten(1), _get(params, prefix, head, "weight"), _get(params, prefix, head, "bias"))
+    weight, bias = _get(params, prefix, head, "weight"), _get(params, prefix, head, "bias")
+    feats = h.reshape(n, tasks, -1).transpose(0, 1)  # [T, N, C*H*W], each task's maps flattened as (C, H, W)
+    if weight.dim() == 2:  # shared by the tasks
+        return F.linear(feats, weight, bias.unsqueeze(-2) if bias is not None and bias.dim() == 2 else bias)
+    out = feats @ weight.transpose(1, 2)
+    return out if bias is None else out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+
+
+def _per_group(t: torch.Tensor | None, own: torch.Tensor | None, tasks: int) -> torch.Tensor | None:
+    """A parameter as the grouped layout wants it: task-batched ``[T, C, ...]`` → ``[T*C, ...]``,
+    shared ``[C, ...]`` → repeated for each task (left as it is for one task)."""
+    if t is None or own is None:
+        return t
+    if t.dim() > own.dim():
+        return t.flatten(0, 1)
+    return t if tasks == 1 else t.repeat(tasks, *([1] * (t.dim() - 1)))
 
 
 #: Fold BatchNorm into the convolution before it when one patch holds at most this many numbers
@@ -157,32 +201,35 @@ def _foldable(conv: nn.Conv2d) -> bool:
     return conv.groups == 1 and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= FOLD_MAX
 
 
-def _conv_batch_norm(h: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
-                     bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
+def _conv_batch_norm(h: torch.Tensor, tasks: int, conv: nn.Conv2d, weight: torch.Tensor,
+                     bias: torch.Tensor | None, bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
                      beta: torch.Tensor | None) -> torch.Tensor:
-    """BatchNorm(conv(h)) with batch statistics, computed as one convolution.
+    """BatchNorm(conv(h)) with batch statistics, computed as one (grouped) convolution.
 
     With p the input patches (one per output pixel, K = in_channels x kernel area numbers), μ their
     mean and Σ their covariance over the batch and positions, channel c of conv(h) has mean
     m_c = w_c·μ + b_c and variance w_cᵀ Σ w_c, so BatchNorm(conv(h)) = conv(h; w_c γ_c / σ_c) +
     β_c + γ_c (b_c − m_c) / σ_c with σ_c = sqrt(w_cᵀ Σ w_c + eps): the normalization needs no pass
     over the output map, nor its backward. Σ is K x K, cheap when K is small. The conv bias cancels
-    (b_c − m_c does not depend on it); it stays in the graph with its exact gradient, zero.
+    (b_c − m_c does not depend on it); it stays in the graph with its exact gradient, zero. Each of
+    the ``tasks`` groups of channels of ``h`` has its own μ, Σ, and (when they are task-batched) w, b.
     """
-    cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [N, K, L]
-    patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [M, K]
-    mean = patches.mean(0)
-    centred = patches - mean
-    cov = centred.t() @ centred / patches.shape[0]
-    w = weight.reshape(weight.shape[0], -1)  # [C, K]
-    scale = torch.rsqrt(((w @ cov) * w).sum(1) + bn.eps)
+    cols = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [N, T*K, L]
+    cols = cols.view(cols.shape[0], tasks, -1, cols.shape[2])  # [N, T, K, L]
+    count = cols.shape[0] * cols.shape[3]
+    mean = cols.mean((0, 3))  # [T, K]
+    centred = cols - mean[:, :, None]
+    cov = torch.einsum("ntkl,ntjl->tkj", centred, centred) / count  # [T, K, K]
+    w = weight.reshape(*weight.shape[:-3], -1)  # [T, C, K] or, shared, [C, K]
+    scale = torch.rsqrt(((w @ cov) * w).sum(-1) + bn.eps)  # [T, C]
     if gamma is not None:
         scale = scale * gamma
-    centre = w @ mean
+    centre = (w @ mean.unsqueeze(-1)).squeeze(-1)  # [T, C]
     shift = (bias - (centre + bias)) * scale if bias is not None else -centre * scale
     if beta is not None:
         shift = shift + beta
-    return F.conv2d(h, weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation)
+    folded = (w * scale.unsqueeze(-1)).reshape(-1, *conv.weight.shape[1:])  # [T*C, in, kh, kw]
+    return F.conv2d(h, folded, shift.flatten(), conv.stride, conv.padding, conv.dilation, tasks)
 
 
 def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: str) -> torch.Tensor | None:
