@@ -237,4 +237,50 @@ def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: st
 
 
 def _pool(m: nn.MaxPool2d, h: torch.Tensor) -> torch.Tensor:
+    kernel = _pair(m.kernel_size)
+    stride = _pair(m.stride if m.stride else m.kernel_size)
+    tiled = (kernel == stride and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
+             and kernel[0] * kernel[1] <= 256
+             and (not m.ceil_mode or (h.shape[-2] % kernel[0] == 0 and h.shape[-1] % kernel[1] == 0)))
+    if tiled:
+        return _TiledMaxPool.apply(h, kernel)
     return F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode)
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (v[0], v[1])
+
+
+class _TiledMaxPool(torch.autograd.Function):
+    """Max-pooling over windows that tile the map (kernel = stride, no padding) that keeps, for backward,
+    only where in its window each maximum was: one byte per output element for windows of maps up to
+    255 wide.
+
+    ``F.max_pool2d`` keeps its whole input and an int64 index per output (for Conv4's first layer,
+    the 64x28x28 maps and 8 bytes per pooled element). The maximum's offset from its window's
+    top-left element (row x width + column, less than 256 for 2x2 windows of such maps) rebuilds
+    the index, and the backward is ``max_unpool2d`` with it: the same gradient (scattered to the
+    same, first, maximal element), and itself differentiable (its backward gathers by the same
+    indices), as second-order MAML needs.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:  # noqa: D102
+        out, index = F.max_pool2d(h, kernel, kernel, return_indices=True)
+        ctx.kernel, ctx.size = kernel, h.shape[-2:]
+        largest = (kernel[0] - 1) * h.shape[-1] + kernel[1] - 1  # the largest offset within a window
+        dtype = torch.uint8 if largest < 2**8 else torch.int16 if largest < 2**15 else torch.int32
+        ctx.save_for_backward((index - _window_start(out.shape[-2:], kernel, h.shape[-1], h.device)).to(dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        (offset,) = ctx.saved_tensors
+        index = _window_start(offset.shape[-2:], ctx.kernel, ctx.size[-1], offset.device) + offset.long()
+        return F.max_unpool2d(grad, index, ctx.kernel, ctx.kernel, output_size=ctx.size), None
+
+
+def _window_start(out_size: torch.Size, kernel: tuple[int, int], width: int, device: torch.device) -> torch.Tensor:
+    """The flat index (row x ``width`` + column) of each pooling window's top-left element, ``[OH, OW]``."""
+    rows = torch.arange(out_size[0], device=device).view(-1, 1) * (kernel[0] * width)
+    return rows + torch.arange(out_size[1], device=device) * kernel[1]
