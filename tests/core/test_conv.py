@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamlab import ANIL, MAML, MamlabError, MAMLPlusPlus, TaskBatch
-from mamlab.core.conv import conv_forward, conv_forward_tasks, conv_plan_for
+from mamlab.core.conv import _TiledMaxPool, conv_forward, conv_forward_tasks, conv_plan_for
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.core.execution import default_execution
 from mamlab.models import MLP, Conv4
 
@@ -233,3 +234,35 @@ def test_images_without_a_batch_dimension_are_a_one_line_error() -> None:
     with pytest.raises(MamlabError, match=r"^execution 'conv' needs each task's images as \[N, C, H, W\], "
                                           r"got \(16, 16\); use execution 'loop' for this input$"):
         conv_forward(conv_plan_for(model), {}, torch.zeros(16, 16))
+
+
+@pytest.mark.parametrize("kernel, size", [((2, 2), (7, 9)), ((2, 3), (8, 9)), ((3, 3), (9, 9))])
+def test_tiled_max_pool_equals_max_pool2d_to_second_order(kernel: tuple[int, int], size: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(8)
+    h = torch.randint(0, 3, (3, 4, *size), generator=g).double().requires_grad_(True)  # ties in most windows
+    h_cl = h.contiguous(memory_format=torch.channels_last)
+    got, want = _TiledMaxPool.apply(h_cl, kernel), F.max_pool2d(h, kernel)
+    assert torch.equal(got, want)
+    v = torch.randn(want.shape, generator=g, requires_grad=True)
+    (dg,), (dw,) = (torch.autograd.grad((o * v).sum(), h, create_graph=True) for o in (got, want))
+    torch.testing.assert_close(dg, dw, rtol=0, atol=0)  # the same (first) maximal element gets the gradient
+    u = torch.randn(h.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad((dg * u).sum(), v)[0], torch.autograd.grad((dw * u).sum(), v)[0],
+                               rtol=0, atol=0)
+
+
+def test_tiled_max_pool_keeps_one_byte_per_output_for_backward() -> None:
+    h = torch.randn(5, 8, 28, 28, requires_grad=True)
+    plain = peak_saved_bytes(lambda: F.max_pool2d(h, 2))
+    tiled = peak_saved_bytes(lambda: _TiledMaxPool.apply(h, (2, 2)))
+    assert plain == h.numel() * 8 + h.numel() // 4 * 8  # its input (float64) and an int64 index per output
+    assert tiled == h.numel() // 4
+
+
+def test_a_chunk_of_tasks_holds_less_than_a_task_at_a_time_per_task() -> None:
+    batch = binary_batch(tasks=4)
+    saved = {}
+    for chunk in (1, 4):
+        algo = MAML(conv4(), F.cross_entropy, 0.3, execution="conv", task_chunk=chunk)
+        saved[chunk] = peak_saved_bytes(lambda algo=algo: algo.meta_loss(batch).backward())
+    assert saved[4] < 4 * saved[1] * 0.7

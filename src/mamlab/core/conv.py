@@ -115,7 +115,7 @@ def conv_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Te
     if x.dim() != 4:
         raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape)}; "
                           "use execution 'loop' for this input")
-    return _grouped_forward(plan, params, x.unsqueeze(0), 1)[0]
+    return _grouped_forward(plan, params, x.unsqueeze(0), 1, tiled_pool=False)[0]
 
 
 def conv_forward_tasks(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -133,12 +133,16 @@ def conv_forward_tasks(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: to
     if x.dim() != 5:
         raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape[1:])}; "
                           "use execution 'loop' for this input")
-    return _grouped_forward(plan, params, x, x.shape[0])
+    return _grouped_forward(plan, params, x, x.shape[0], tiled_pool=True)
 
 
-def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     tasks: int) -> torch.Tensor:
-    """The forward of ``tasks`` tasks, images ``[T, N, C, H, W]``, in the grouped layout ``[N, T*C, H, W]``."""
+def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torch.Tensor, tasks: int,
+                     tiled_pool: bool) -> torch.Tensor:
+    """The forward of ``tasks`` tasks, images ``[T, N, C, H, W]``, in the grouped layout ``[N, T*C, H, W]``.
+
+    ``tiled_pool``: max-pool with ``_TiledMaxPool`` where the windows tile the map (less memory, a
+    little slower on the CPU), else ``F.max_pool2d``.
+    """
     n = x.shape[1]
     # an explicit copy: ``.contiguous(memory_format=...)`` keeps a 1-channel tensor's NCHW strides (it
     # is both), and the NHWC strides are what make oneDNN produce channels-last outputs
@@ -165,10 +169,10 @@ def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torc
                              _per_group(_get(params, prefix, m, "bias"), m.bias, tasks), training=True,
                              momentum=0.0, eps=m.eps)
         elif type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
-            h = F.relu(_pool(layers[i + 1][1], h))  # pool first: the same values and gradients
+            h = F.relu(_pool(layers[i + 1][1], h, tiled_pool))  # pool first: the same values and gradients
             i += 1
         elif type(m) is nn.MaxPool2d:
-            h = _pool(m, h)
+            h = _pool(m, h, tiled_pool)
         else:
             h = m(h)
         i += 1
@@ -236,10 +240,11 @@ def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: st
     return params[prefix + name] if prefix + name in params else getattr(m, name)
 
 
-def _pool(m: nn.MaxPool2d, h: torch.Tensor) -> torch.Tensor:
+def _pool(m: nn.MaxPool2d, h: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """``m(h)``, by ``_TiledMaxPool`` if ``tiled`` and its windows tile the map."""
     kernel = _pair(m.kernel_size)
     stride = _pair(m.stride if m.stride else m.kernel_size)
-    tiled = (kernel == stride and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
+    tiled = tiled and (kernel == stride and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1)
              and kernel[0] * kernel[1] <= 256
              and (not m.ceil_mode or (h.shape[-2] % kernel[0] == 0 and h.shape[-1] % kernel[1] == 0)))
     if tiled:
