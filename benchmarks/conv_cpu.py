@@ -33,7 +33,7 @@ from mamlab.core.memory import peak_saved_bytes
 from speed import loop_step, make  # benchmarks/ is the script's directory
 
 VARIANTS = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first",
-            "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap")
+            "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap", "mamlab:conv:32", "mamlab:conv:8")
 DEFAULT = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first", "mamlab:conv",
            "grouped:all", "grouped:4")
 
@@ -102,8 +102,9 @@ def variant(name: str, model: torch.nn.Module, batch: TaskBatch, lr: float, loss
     """One meta-gradient (into ``.grad``) of ``batch`` by the variant ``name``."""
     if name == "loop":
         return lambda: loop_step(model, batch, lr, loss_fn)
-    if name.startswith("mamlab:"):
-        maml = MAML(model, loss_fn, lr, execution=name.split(":")[1])
+    if name.startswith("mamlab:"):  # mamlab:PATH, or mamlab:conv:CHUNK for chunks of CHUNK tasks together
+        _, path, *chunk = name.split(":")
+        maml = MAML(model, loss_fn, lr, execution=path, task_chunk=int(chunk[0]) if chunk else None)
         return lambda: maml.meta_loss(batch).backward()
     if name.startswith("grouped:"):
         chunk = batch.num_tasks if name == "grouped:all" else int(name.split(":")[1])
@@ -112,6 +113,34 @@ def variant(name: str, model: torch.nn.Module, batch: TaskBatch, lr: float, loss
                "channels-last+pool-first": (True, True)}
     channels_last, pool_first = layouts[name]
     return lambda: functional_step(model, batch, lr, channels_last, pool_first)
+
+
+def peak_saved_storage_bytes(fn: Callable[[], object]) -> int:
+    """As ``peak_saved_bytes``, but a storage that several saved tensors share (a ReLU's output that the
+    next convolution saves too) counts once, with its whole size: the memory the saved tensors hold."""
+    live: dict[int, list[int]] = {}  # storage address -> [saved tensors alive on it, its bytes]
+    state = {"live": 0, "peak": 0}
+
+    class Held:
+        def __init__(self, t: torch.Tensor) -> None:
+            storage = t.untyped_storage()
+            self.t, self.key = t, (storage.data_ptr(), storage.nbytes())
+            entry = live.setdefault(self.key[0], [0, self.key[1]])
+            if entry[0] == 0:
+                state["live"] += entry[1]
+                state["peak"] = max(state["peak"], state["live"])
+            entry[0] += 1
+
+        def __del__(self) -> None:
+            entry = live[self.key[0]]
+            entry[0] -= 1
+            if entry[0] == 0:
+                state["live"] -= entry[1]
+                del live[self.key[0]]
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+        fn()
+    return state["peak"]
 
 
 def main() -> None:
@@ -124,7 +153,7 @@ def main() -> None:
                         help="instead of timing, print torch.profiler's ops by self CPU time for these variants")
     args = parser.parse_args()
     names = (args.profile or args.variants).split(",")
-    unknown = [n for n in names if n not in VARIANTS and not n.startswith("grouped:")]
+    unknown = [n for n in names if n not in VARIANTS and not n.startswith(("grouped:", "mamlab:conv:"))]
     if unknown:
         parser.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
@@ -139,10 +168,12 @@ def main() -> None:
             print(f"{n}: one meta-gradient of {args.tasks} tasks, {args.threads} thread(s)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
         return
-    grads, saved = {}, {}
+    grads, saved, stored = {}, {}, {}
     for n, step in steps.items():  # warm-up; the gradients, to check every variant against the loop
         model.zero_grad()
         saved[n] = peak_saved_bytes(step)
+        model.zero_grad()
+        stored[n] = peak_saved_storage_bytes(step)
         grads[n] = torch.cat([p.grad.flatten() for p in model.parameters()])
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
@@ -158,7 +189,8 @@ def main() -> None:
     for n in names:
         err = ((grads[n] - grads[ref]).norm() / grads[ref].norm()).item()
         print(f"  {n:<26} {median[n]:7.3f} s/it  {median[ref] / median[n]:5.2f}x   saved tensors "
-              f"{saved[n] / 2**20:7.1f} MiB  {saved[n] / saved[ref]:5.2f}x   grad rel. diff {err:.1e}")
+              f"{saved[n] / 2**20:7.1f} MiB  {saved[n] / saved[ref]:5.2f}x   distinct storages "
+              f"{stored[n] / 2**20:7.1f} MiB   grad rel. diff {err:.1e}")
 
 
 if __name__ == "__main__":

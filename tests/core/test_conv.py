@@ -18,8 +18,8 @@ from torch import nn
 
 from mamlab import ANIL, MAML, MamlabError, MAMLPlusPlus, TaskBatch
 from mamlab.core.conv import _TiledMaxPool, conv_forward, conv_forward_tasks, conv_plan_for
-from mamlab.core.memory import peak_saved_bytes
 from mamlab.core.execution import default_execution
+from mamlab.core.memory import peak_saved_bytes
 from mamlab.models import MLP, Conv4
 
 

@@ -131,8 +131,8 @@ def conv_forward_tasks(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: to
     if plan.add_channel and x.dim() == 4:
         x = x.unsqueeze(2)
     if x.dim() != 5:
-        raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], got {tuple(x.shape[1:])}; "
-                          "use execution 'loop' for this input")
+        raise MamlabError(f"execution 'conv' needs each task's images as [N, C, H, W], "
+                          f"got {tuple(x.shape[1:])}; use execution 'loop' for this input")
     return _grouped_forward(plan, params, x, x.shape[0], tiled_pool=True)
 
 
@@ -156,8 +156,8 @@ def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torc
         nxt = layers[i + 1][1] if i + 1 < len(layers) else None
         if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _foldable(m):
             bn_prefix = layers[i + 1][0]
-            h = _conv_batch_norm(h, tasks, m, _get(params, prefix, m, "weight"), _get(params, prefix, m, "bias"),
-                                 nxt, _get(params, bn_prefix, nxt, "weight"),  # type: ignore[arg-type]
+            h = _conv_batch_norm(h, tasks, m, _get(params, prefix, m, "weight"),  # type: ignore[arg-type]
+                                 _get(params, prefix, m, "bias"), nxt, _get(params, bn_prefix, nxt, "weight"),
                                  _get(params, bn_prefix, nxt, "bias"))
             i += 1
         elif type(m) is nn.Conv2d:
@@ -275,7 +275,8 @@ class _TiledMaxPool(torch.autograd.Function):
         ctx.kernel, ctx.size = kernel, h.shape[-2:]
         largest = (kernel[0] - 1) * h.shape[-1] + kernel[1] - 1  # the largest offset within a window
         dtype = torch.uint8 if largest < 2**8 else torch.int16 if largest < 2**15 else torch.int32
-        ctx.save_for_backward((index - _window_start(out.shape[-2:], kernel, h.shape[-1], h.device)).to(dtype))
+        start = _window_start(out.shape[-2:], kernel, h.shape[-1], h.device)
+        ctx.save_for_backward((index - start).to(dtype))
         return out
 
     @staticmethod
@@ -285,7 +286,8 @@ class _TiledMaxPool(torch.autograd.Function):
         return F.max_unpool2d(grad, index, ctx.kernel, ctx.kernel, output_size=ctx.size), None
 
 
-def _window_start(out_size: torch.Size, kernel: tuple[int, int], width: int, device: torch.device) -> torch.Tensor:
+def _window_start(out_size: torch.Size, kernel: tuple[int, int], width: int,
+                  device: torch.device) -> torch.Tensor:
     """The flat index (row x ``width`` + column) of each pooling window's top-left element, ``[OH, OW]``."""
     rows = torch.arange(out_size[0], device=device).view(-1, 1) * (kernel[0] * width)
     return rows + torch.arange(out_size[1], device=device) * kernel[1]
