@@ -14,6 +14,12 @@ measured once per variant). Usage:
     python benchmarks/conv_cpu.py                        # 8 tasks, 1 thread, 3 rounds
     python benchmarks/conv_cpu.py --tasks 32 --threads 2 --variants loop,mamlab:conv
     python benchmarks/conv_cpu.py --profile loop,mamlab:vmap,mamlab:conv   # torch.profiler's top ops
+    python benchmarks/conv_cpu.py --tasks 32 --rss loop,mamlab:conv:32,mamlab:vmap  # peak RSS growth
+
+``--rss`` runs one meta-gradient of each variant in a fresh process and prints the growth of its
+peak resident memory over the memory held before the step: unlike the saved-tensor counts it sees
+every temporary (a convolution's output before pooling, the gradients of backward), so it is the
+CPU's nearest measure to ``torch.cuda.max_memory_allocated``.
 
 The gradient difference printed is in float32, where second-order terms through BatchNorm amplify
 rounding; ``tests/core/test_conv.py`` compares the conv path with the loop path in float64 (1e-10).
@@ -22,6 +28,8 @@ rounding; ``tests/core/test_conv.py`` compares the conv path with the loop path 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
 import time
 from collections.abc import Callable
 
@@ -143,6 +151,17 @@ def peak_saved_storage_bytes(fn: Callable[[], object]) -> int:
     return state["peak"]
 
 
+def rss_growth(name: str, tasks: int, threads: int, queue: mp.Queue) -> None:
+    """In a fresh process: the growth (MiB) of peak RSS over one meta-gradient of variant ``name``."""
+    torch.set_num_threads(threads)
+    model, batch, lr, loss_fn = make("conv4")
+    step = variant(name, model, batch.slice(slice(0, tasks)), lr, loss_fn)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8, help="tasks in the meta-batch (speed.py's case: 32)")
@@ -151,11 +170,25 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--profile", default=None, metavar="VARIANTS",
                         help="instead of timing, print torch.profiler's ops by self CPU time for these variants")
+    parser.add_argument("--rss", default=None, metavar="VARIANTS",
+                        help="instead of timing, print each variant's peak RSS growth over one meta-gradient")
     args = parser.parse_args()
-    names = (args.profile or args.variants).split(",")
+    names = (args.rss or args.profile or args.variants).split(",")
     unknown = [n for n in names if n not in VARIANTS and not n.startswith(("grouped:", "mamlab:conv:"))]
     if unknown:
         parser.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
+    if args.rss:
+        ctx = mp.get_context("spawn")
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.tasks} tasks: peak RSS growth over one "
+              "meta-gradient, each variant in a fresh process")
+        for n in names:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=rss_growth, args=(n, args.tasks, args.threads, queue))
+            proc.start()
+            growth = queue.get()
+            proc.join()
+            print(f"  {n:<26} +{growth:8.1f} MiB")
+        return
     torch.set_num_threads(args.threads)
     model, batch, lr, loss_fn = make("conv4")
     batch = batch.slice(slice(0, args.tasks))
