@@ -258,36 +258,45 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 class _TiledMaxPool(torch.autograd.Function):
     """Max-pooling over windows that tile the map (kernel = stride, no padding) that keeps, for backward,
-    only where in its window each maximum was: one byte per output element for windows of maps up to
-    255 wide.
+    only which element of its window each maximum is: one byte per output element.
 
     ``F.max_pool2d`` keeps its whole input and an int64 index per output (for Conv4's first layer,
-    the 64x28x28 maps and 8 bytes per pooled element). The maximum's offset from its window's
-    top-left element (row x width + column, less than 256 for 2x2 windows of such maps) rebuilds
-    the index, and the backward is ``max_unpool2d`` with it: the same gradient (scattered to the
-    same, first, maximal element), and itself differentiable (its backward gathers by the same
-    indices), as second-order MAML needs.
+    the 64x28x28 maps and 8 bytes per pooled element), and returns those indices at full width.
+    Here the forward pools without indices and finds, window position by window position (as
+    strided views of the input), the first element equal to the maximum, which is the one
+    ``F.max_pool2d`` picks (it takes the first maximum in row-major order, or, in a window holding
+    NaN, the last NaN: that rule is kept too). The backward writes the gradient into those
+    positions, one strided view at a time: the same gradient as ``F.max_pool2d``'s, and itself
+    differentiable, as second-order MAML needs; no int64 index is ever built.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:  # noqa: D102
-        out, index = F.max_pool2d(h, kernel, kernel, return_indices=True)
-        ctx.kernel, ctx.size = kernel, h.shape[-2:]
-        largest = (kernel[0] - 1) * h.shape[-1] + kernel[1] - 1  # the largest offset within a window
-        dtype = torch.uint8 if largest < 2**8 else torch.int16 if largest < 2**15 else torch.int32
-        start = _window_start(out.shape[-2:], kernel, h.shape[-1], h.device)
-        ctx.save_for_backward((index - start).to(dtype))
+        out = F.max_pool2d(h, kernel, kernel)
+        windows = _windows(h.shape, kernel, out.shape[-2:])
+        position = torch.empty_like(out, dtype=torch.uint8).fill_(len(windows) - 1)
+        for p in reversed(range(len(windows) - 1)):  # the first maximum wins
+            position.masked_fill_(h[windows[p]] == out, p)
+        for p, view in enumerate(windows):  # a NaN is the maximum (the last one wins), as in max_pool2d
+            position.masked_fill_(torch.isnan(h[view]), p)
+        ctx.kernel, ctx.shape = kernel, h.shape
+        ctx.save_for_backward(position)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        (offset,) = ctx.saved_tensors
-        index = _window_start(offset.shape[-2:], ctx.kernel, ctx.size[-1], offset.device) + offset.long()
-        return F.max_unpool2d(grad, index, ctx.kernel, ctx.kernel, output_size=ctx.size), None
+        (position,) = ctx.saved_tensors
+        nhwc = grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        grad_in = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout).zero_()
+        for p, view in enumerate(_windows(ctx.shape, ctx.kernel, grad.shape[-2:])):
+            grad_in[view] = torch.where(position == p, grad, 0.0)
+        return grad_in, None
 
 
-def _window_start(out_size: torch.Size, kernel: tuple[int, int], width: int,
-                  device: torch.device) -> torch.Tensor:
-    """The flat index (row x ``width`` + column) of each pooling window's top-left element, ``[OH, OW]``."""
-    rows = torch.arange(out_size[0], device=device).view(-1, 1) * (kernel[0] * width)
-    return rows + torch.arange(out_size[1], device=device) * kernel[1]
+def _windows(shape: torch.Size, kernel: tuple[int, int], out_size: torch.Size) -> list[tuple[slice, ...]]:
+    """For each position (row-major) within a pooling window, the strided view of the map at that
+    position in every window: ``h[view]`` has the pooled output's shape."""
+    (kh, kw), (oh, ow) = kernel, out_size
+    lead = (slice(None),) * (len(shape) - 2)
+    return [(*lead, slice(a, oh * kh, kh), slice(b, ow * kw, kw)) for a in range(kh) for b in range(kw)]
