@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mamlab.core.conv as conv_module
 from mamlab import ANIL, MAML, MamlabError, MAMLPlusPlus, TaskBatch
 from mamlab.core.conv import _TiledMaxPool, conv_forward, conv_forward_tasks, conv_plan_for
 from mamlab.core.execution import default_execution
@@ -266,3 +267,42 @@ def test_a_chunk_of_tasks_holds_less_than_a_task_at_a_time_per_task() -> None:
         algo = MAML(conv4(), F.cross_entropy, 0.3, execution="conv", task_chunk=chunk)
         saved[chunk] = peak_saved_bytes(lambda algo=algo: algo.meta_loss(batch).backward())
     assert saved[4] < 4 * saved[1] * 0.7
+
+
+@pytest.mark.parametrize("images_per_slice", [1, 2])  # 3 and 9 images per task: slices of 2 are uneven
+def test_the_first_layer_in_slices_of_images_equals_the_loop_path(monkeypatch: pytest.MonkeyPatch,
+                                                                  images_per_slice: int) -> None:
+    model = conv4()
+    batch = binary_batch(tasks=5)
+    # one image's folded conv output: 5 tasks x 6 channels x 16 x 16 float64 numbers
+    monkeypatch.setattr(conv_module, "SLICE_BYTES", images_per_slice * 5 * 6 * 16 * 16 * 8)
+    grads = {}
+    for execution in ("conv", "loop"):
+        algo = MAML(model, F.cross_entropy, 0.3, 2, execution=execution, task_chunk=5)
+        grads[execution] = meta_grads(algo, batch)
+    assert_grads_equal(grads["conv"], grads["loop"])
+
+
+class ConvOutputSizes(torch.overrides.TorchFunctionMode):
+    """Records the bytes of every ``F.conv2d`` output computed while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.conv2d:
+            self.sizes.append(out.numel() * out.element_size())
+        return out
+
+
+def test_slices_of_images_keep_the_full_size_first_map_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = conv4()
+    x = binary_batch(tasks=4).query_x
+    full_map = x.shape[1] * 4 * 6 * 16 * 16 * 8  # the first conv's output, all tasks and images
+    monkeypatch.setattr(conv_module, "SLICE_BYTES", full_map // 3)
+    with torch.no_grad(), ConvOutputSizes() as record:
+        conv_forward_tasks(conv_plan_for(model), dict(model.named_parameters()), x)
+    assert len(record.sizes) == 3 + 3  # the first conv in three slices, then the three others
+    assert max(record.sizes[:3]) <= full_map // 3

@@ -29,7 +29,8 @@ convolutions over the tasks of a meta-batch measured slower (README, Speed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,26 +157,26 @@ def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torc
         nxt = layers[i + 1][1] if i + 1 < len(layers) else None
         if type(m) is nn.Conv2d and type(nxt) is nn.BatchNorm2d and _foldable(m):
             bn_prefix = layers[i + 1][0]
-            h = _conv_batch_norm(h, tasks, m, _get(params, prefix, m, "weight"),  # type: ignore[arg-type]
-                                 _get(params, prefix, m, "bias"), nxt, _get(params, bn_prefix, nxt, "weight"),
-                                 _get(params, bn_prefix, nxt, "bias"))
-            i += 1
+            bn_weight, bn_bias = _get(params, bn_prefix, nxt, "weight"), _get(params, bn_prefix, nxt, "bias")
+            weight, shift = _fold(h, tasks, m, _get(params, prefix, m, "weight"),  # type: ignore[arg-type]
+                                  _get(params, prefix, m, "bias"), nxt, bn_weight, bn_bias)
+            end = _per_image_end(layers, i + 2)
+            h = _folded_block(h, m, weight, shift, tasks, layers[i + 2:end], tiled_pool)
+            i = end
         elif type(m) is nn.Conv2d:
             h = F.conv2d(h, _per_group(_get(params, prefix, m, "weight"), m.weight, tasks),
                          _per_group(_get(params, prefix, m, "bias"), m.bias, tasks), m.stride, m.padding,
                          m.dilation, m.groups * tasks)
+            i += 1
         elif type(m) is nn.BatchNorm2d:  # no running statistics (the plan's rule): batch statistics
             h = F.batch_norm(h, None, None, _per_group(_get(params, prefix, m, "weight"), m.weight, tasks),
                              _per_group(_get(params, prefix, m, "bias"), m.bias, tasks), training=True,
                              momentum=0.0, eps=m.eps)
-        elif type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
-            h = F.relu(_pool(layers[i + 1][1], h, tiled_pool))  # pool first: the same values and gradients
             i += 1
-        elif type(m) is nn.MaxPool2d:
-            h = _pool(m, h, tiled_pool)
         else:
-            h = m(h)
-        i += 1
+            end = _per_image_end(layers, i)
+            h = _per_image(layers[i:end], h, tiled_pool)
+            i = end
     prefix, head = plan.head
     weight, bias = _get(params, prefix, head, "weight"), _get(params, prefix, head, "bias")
     feats = h.reshape(n, tasks, -1).transpose(0, 1)  # [T, N, C*H*W], each task's maps flattened as (C, H, W)
@@ -183,6 +184,68 @@ def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torc
         return F.linear(feats, weight, bias.unsqueeze(-2) if bias is not None and bias.dim() == 2 else bias)
     out = feats @ weight.transpose(1, 2)
     return out if bias is None else out + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+
+
+#: Run a folded convolution and the per-image layers after it in slices of images whose convolution
+#: output holds at most this many bytes (for 32 Conv4 tasks together, 75 query images: slices of 10).
+SLICE_BYTES = 2**26
+
+
+def _per_image_end(layers: tuple[tuple[str, nn.Module], ...], start: int) -> int:
+    """The index of the first layer from ``start`` on that mixes images (a conv's BatchNorm), or the end."""
+    end = start
+    while end < len(layers) and type(layers[end][1]) not in (nn.Conv2d, nn.BatchNorm2d):
+        end += 1
+    return end
+
+
+def _folded_block(h: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor, shift: torch.Tensor, tasks: int,
+                  after: Sequence[tuple[str, nn.Module]], tiled_pool: bool) -> torch.Tensor:
+    """The folded convolution (``_fold``) of ``h``, then the per-image layers ``after`` it.
+
+    With the normalization folded in, every image is on its own until the next conv or BatchNorm.
+    Where a max-pool follows the convolution (or a ReLU and a max-pool: the pool runs first), the
+    images run through the convolution and the pool in slices whose convolution output holds at most
+    ``SLICE_BYTES``, so the full-size output (for 32 Conv4 tasks together, 75 images x 2048 channels
+    x 28 x 28) is never whole in memory; the pooled slices are joined, and the rest runs on them.
+    """
+    def conv_(part: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(part, weight, shift, conv.stride, conv.padding, conv.dilation, tasks)
+
+    relu_first = len(after) > 1 and type(after[0][1]) is nn.ReLU and type(after[1][1]) is nn.MaxPool2d
+    pool = after[1 if relu_first else 0][1] if after else None
+    if type(pool) is not nn.MaxPool2d:
+        return _per_image(after, conv_(h), tiled_pool)
+    out_bytes = weight.shape[0] * math.prod(_conv_out_size(h.shape[-2:], conv)) * h.element_size()
+    rows = max(1, SLICE_BYTES // out_bytes)
+    parts = [_pool(pool, conv_(h[s:s + rows]), tiled_pool) for s in range(0, h.shape[0], rows)]
+    h = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if relu_first:
+        h = F.relu(h)  # ReLU after max-pooling: the same values and gradients
+    return _per_image(after[2 if relu_first else 1:], h, tiled_pool)
+
+
+def _per_image(layers: Sequence[tuple[str, nn.Module]], h: torch.Tensor, tiled_pool: bool) -> torch.Tensor:
+    """Activations and max-pooling, each image on its own; a ReLU before a max-pool runs after it."""
+    i = 0
+    while i < len(layers):
+        m = layers[i][1]
+        if type(m) is nn.ReLU and i + 1 < len(layers) and type(layers[i + 1][1]) is nn.MaxPool2d:
+            h = F.relu(_pool(layers[i + 1][1], h, tiled_pool))  # pool first: the same values and gradients
+            i += 1
+        elif type(m) is nn.MaxPool2d:
+            h = _pool(m, h, tiled_pool)
+        else:
+            h = m(h)
+        i += 1
+    return h
+
+
+def _conv_out_size(size: torch.Size, conv: nn.Conv2d) -> tuple[int, int]:
+    """The height and width of ``conv``'s output for an input of ``size`` (numeric padding)."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1  # type: ignore[return-value]
+                 for n, p, d, k, s in zip(size, _pair(conv.padding), _pair(conv.dilation),  # type: ignore[arg-type]
+                                          conv.kernel_size, conv.stride, strict=True))
 
 
 def _per_group(t: torch.Tensor | None, own: torch.Tensor | None, tasks: int) -> torch.Tensor | None:
@@ -205,10 +268,11 @@ def _foldable(conv: nn.Conv2d) -> bool:
     return conv.groups == 1 and not isinstance(conv.padding, str) and conv.in_channels * kh * kw <= FOLD_MAX
 
 
-def _conv_batch_norm(h: torch.Tensor, tasks: int, conv: nn.Conv2d, weight: torch.Tensor,
-                     bias: torch.Tensor | None, bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
-                     beta: torch.Tensor | None) -> torch.Tensor:
-    """BatchNorm(conv(h)) with batch statistics, computed as one (grouped) convolution.
+def _fold(h: torch.Tensor, tasks: int, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None,
+          bn: nn.BatchNorm2d, gamma: torch.Tensor | None,
+          beta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``[T*C, in, kh, kw]`` and bias ``[T*C]`` of the one (grouped) convolution of ``h``
+    that is BatchNorm(conv(h)) with batch statistics.
 
     With p the input patches (one per output pixel, K = in_channels x kernel area numbers), μ their
     mean and Σ their covariance over the batch and positions, channel c of conv(h) has mean
@@ -232,8 +296,7 @@ def _conv_batch_norm(h: torch.Tensor, tasks: int, conv: nn.Conv2d, weight: torch
     shift = (bias - (centre + bias)) * scale if bias is not None else -centre * scale
     if beta is not None:
         shift = shift + beta
-    folded = (w * scale.unsqueeze(-1)).reshape(-1, *conv.weight.shape[1:])  # [T*C, in, kh, kw]
-    return F.conv2d(h, folded, shift.flatten(), conv.stride, conv.padding, conv.dilation, tasks)
+    return (w * scale.unsqueeze(-1)).reshape(-1, *conv.weight.shape[1:]), shift.flatten()
 
 
 def _get(params: Mapping[str, torch.Tensor], prefix: str, m: nn.Module, name: str) -> torch.Tensor | None:
