@@ -5,14 +5,18 @@ channels-last + pool-first + the first BatchNorm folded into its convolution): N
 channels-last memory, max-pooling before ReLU, grouped convolutions that run a chunk of tasks as
 the groups of one convolution (input ``[N, T*C, H, W]``, weights ``[T*out, C, k, k]``, BatchNorm
 per (task, channel) on that layout, the head as one ``baddbmm``), and the engine's loop and vmap
-paths. Every variant computes the same meta-gradient as ``speed.py``'s plain per-task loop (the
-reference). The variants run in turn, round after round, so a load change on a shared machine
-hits all of them alike; printed: the median seconds per meta-iteration, its ratio to the loop's,
-and the peak bytes autograd holds in saved tensors (``mamlab.core.memory.peak_saved_bytes``,
-measured once per variant). Usage:
+paths; ``mamlab:conv:CHUNK`` runs the conv path with ``task_chunk=CHUNK`` (chunks of tasks together,
+as grouped convolutions: the conv path's default on CUDA devices). Every variant computes the same
+meta-gradient as ``speed.py``'s plain per-task loop (the reference). The variants run in turn,
+round after round, so a load change on a shared machine hits all of them alike; printed: the
+median seconds per meta-iteration, its ratio to the loop's, the peak bytes autograd holds in
+saved tensors (``mamlab.core.memory.peak_saved_bytes``, measured once per variant), and the same
+peak counting each storage once (a tensor saved by two operations, as a ReLU's output that the
+next convolution also saves, is in memory once). Usage:
 
     python benchmarks/conv_cpu.py                        # 8 tasks, 1 thread, 3 rounds
     python benchmarks/conv_cpu.py --tasks 32 --threads 2 --variants loop,mamlab:conv
+    python benchmarks/conv_cpu.py --tasks 32 --variants loop,mamlab:conv,mamlab:conv:8,mamlab:conv:32,mamlab:vmap
     python benchmarks/conv_cpu.py --profile loop,mamlab:vmap,mamlab:conv   # torch.profiler's top ops
     python benchmarks/conv_cpu.py --tasks 32 --rss loop,mamlab:conv:32,mamlab:vmap  # peak RSS growth
 

@@ -7,9 +7,13 @@ dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` 
 * ``"batched"``: MLPs (a Sequential of Linear layers and activations); every task's weights
   ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.core.batched``).
 * ``"vmap"``: any model; ``torch.func.vmap`` over a functional forward.
-* ``"conv"``: Conv4-like nets (``mamlab.core.conv``), one task at a time as on the loop path, in
-  channels-last memory, max-pooling before ReLU, the first BatchNorm folded into its convolution:
-  the fastest path for them on CPU.
+* ``"conv"``: Conv4-like nets (``mamlab.core.conv``), in channels-last memory, max-pooling before
+  ReLU, the first BatchNorm folded into its convolution. On the CPU one task at a time, as on the
+  loop path: the fastest path for them there. A chunk of tasks (``task_chunk``; by default, on CUDA
+  devices, the whole meta-batch, as vmap) runs together as the groups of grouped convolutions,
+  with max-pooling that keeps one byte per output and the first layer in slices of images: for 32
+  Conv4 tasks it holds a fifth of vmap's saved tensors (``benchmarks/conv_cpu.py``). ``auto`` still
+  takes vmap on the GPU, since the conv path's GPU speed is not yet measured.
 * ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). On CPU
   batched convolutions under vmap are slower and far hungrier for memory than this; the only path
   for BatchNorm that tracks running statistics.
@@ -67,7 +71,8 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
     whose BatchNorm tracks running statistics also go to the loop, since vmap cannot update a
     shared running mean from batched tasks. The channels-last conv path runs Conv4 faster than the
-    loop on CPU (README, Speed).
+    loop on CPU (README, Speed). On CUDA devices Conv4-like nets stay on vmap until a GPU measures
+    the conv path's chunks of tasks (which hold far less memory than vmap; README, Speed).
     """
     device = torch.device(device)
     if plan_for(model) is not None:
@@ -251,7 +256,8 @@ class TaskEngine:
         model: the network whose functional forward is run (its buffers are used as they are).
         loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
         execution: ``"auto"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"conv"``.
-        task_chunk: on the batched paths, how many tasks run together (default: the whole batch).
+        task_chunk: how many tasks run together on the batched, vmap and conv paths (default: the whole
+            batch; on the conv path one task on the CPU, the whole batch on CUDA devices).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, execution: str = "auto",
