@@ -6,7 +6,10 @@ Images are binary, like Omniglot's, so max-pooling windows hold ties, and BatchN
 drawn around zero, so some are negative: the cases where reordering pooling and ReLU could go
 wrong. A conv bias before BatchNorm has an exact gradient of zero (batch statistics remove any
 constant), so both paths give it rounding noise: gradients are compared to 1e-10 relative to the
-whole gradient's norm.
+whole gradient's norm. With ``task_chunk`` above one the conv path runs the chunk's tasks together
+(``conv_forward_tasks``: grouped convolutions, one-byte max-pooling, the first layer in slices of
+images); 5 tasks in chunks of 3 make the chunks uneven, and ``task_chunk=5`` is the CUDA default
+(all tasks together) forced on the CPU.
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ SLICE_BYTES = 2**26
 
 
 def _per_image_end(layers: tuple[tuple[str, nn.Module], ...], start: int) -> int:
-    """The index of the first layer from ``start`` on that mixes images (a conv's BatchNorm), or the end."""
+    """The index of the first conv or BatchNorm from ``start`` on (the layers before it act on each image
+    on its own: activations, max-pooling), or the end."""
     end = start
     while end < len(layers) and type(layers[end][1]) not in (nn.Conv2d, nn.BatchNorm2d):
         end += 1
