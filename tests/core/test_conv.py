@@ -309,3 +309,11 @@ def test_slices_of_images_keep_the_full_size_first_map_out_of_memory(monkeypatch
         conv_forward_tasks(conv_plan_for(model), dict(model.named_parameters()), x)
     assert len(record.sizes) == 3 + 3  # the first conv in three slices, then the three others
     assert max(record.sizes[:3]) <= full_map // 3
+
+
+def test_tiled_max_pool_sends_the_gradient_where_max_pool2d_does_in_windows_holding_nan() -> None:
+    h = torch.tensor([[[[1.0, float("nan"), 5.0, 2.0], [float("nan"), 0.0, 5.0, 5.0]]]], requires_grad=True)
+    got, want = _TiledMaxPool.apply(h, (2, 2)), F.max_pool2d(h, 2)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    v = torch.tensor([[[[2.0, 3.0]]]])
+    torch.testing.assert_close(torch.autograd.grad((got * v).sum(), h)[0], torch.autograd.grad((want * v).sum(), h)[0])
