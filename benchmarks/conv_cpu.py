@@ -5,15 +5,25 @@ channels-last + pool-first + the first BatchNorm folded into its convolution): N
 channels-last memory, max-pooling before ReLU, grouped convolutions that run a chunk of tasks as
 the groups of one convolution (input ``[N, T*C, H, W]``, weights ``[T*out, C, k, k]``, BatchNorm
 per (task, channel) on that layout, the head as one ``baddbmm``), and the engine's loop and vmap
-paths. Every variant computes the same meta-gradient as ``speed.py``'s plain per-task loop (the
-reference). The variants run in turn, round after round, so a load change on a shared machine
-hits all of them alike; printed: the median seconds per meta-iteration, its ratio to the loop's,
-and the peak bytes autograd holds in saved tensors (``mamlab.core.memory.peak_saved_bytes``,
-measured once per variant). Usage:
+paths; ``mamlab:conv:CHUNK`` runs the conv path with ``task_chunk=CHUNK`` (chunks of tasks together,
+as grouped convolutions: the conv path's default on CUDA devices). Every variant computes the same
+meta-gradient as ``speed.py``'s plain per-task loop (the reference). The variants run in turn,
+round after round, so a load change on a shared machine hits all of them alike; printed: the
+median seconds per meta-iteration, its ratio to the loop's, the peak bytes autograd holds in
+saved tensors (``mamlab.core.memory.peak_saved_bytes``, measured once per variant), and the same
+peak counting each storage once (a tensor saved by two operations, as a ReLU's output that the
+next convolution also saves, is in memory once). Usage:
 
     python benchmarks/conv_cpu.py                        # 8 tasks, 1 thread, 3 rounds
     python benchmarks/conv_cpu.py --tasks 32 --threads 2 --variants loop,mamlab:conv
+    python benchmarks/conv_cpu.py --tasks 32 --variants loop,mamlab:conv,mamlab:conv:8,mamlab:conv:32,mamlab:vmap
     python benchmarks/conv_cpu.py --profile loop,mamlab:vmap,mamlab:conv   # torch.profiler's top ops
+    python benchmarks/conv_cpu.py --tasks 32 --rss loop,mamlab:conv:32,mamlab:vmap  # peak RSS growth
+
+``--rss`` runs one meta-gradient of each variant in a fresh process and prints the growth of its
+peak resident memory over the memory held before the step: unlike the saved-tensor counts it sees
+every temporary (a convolution's output before pooling, the gradients of backward), so it is the
+CPU's nearest measure to ``torch.cuda.max_memory_allocated``.
 
 The gradient difference printed is in float32, where second-order terms through BatchNorm amplify
 rounding; ``tests/core/test_conv.py`` compares the conv path with the loop path in float64 (1e-10).
@@ -22,6 +32,8 @@ rounding; ``tests/core/test_conv.py`` compares the conv path with the loop path 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
 import time
 from collections.abc import Callable
 
@@ -33,7 +45,7 @@ from mamlab.core.memory import peak_saved_bytes
 from speed import loop_step, make  # benchmarks/ is the script's directory
 
 VARIANTS = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first",
-            "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap")
+            "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap", "mamlab:conv:32", "mamlab:conv:8")
 DEFAULT = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first", "mamlab:conv",
            "grouped:all", "grouped:4")
 
@@ -102,8 +114,9 @@ def variant(name: str, model: torch.nn.Module, batch: TaskBatch, lr: float, loss
     """One meta-gradient (into ``.grad``) of ``batch`` by the variant ``name``."""
     if name == "loop":
         return lambda: loop_step(model, batch, lr, loss_fn)
-    if name.startswith("mamlab:"):
-        maml = MAML(model, loss_fn, lr, execution=name.split(":")[1])
+    if name.startswith("mamlab:"):  # mamlab:PATH, or mamlab:conv:CHUNK for chunks of CHUNK tasks together
+        _, path, *chunk = name.split(":")
+        maml = MAML(model, loss_fn, lr, execution=path, task_chunk=int(chunk[0]) if chunk else None)
         return lambda: maml.meta_loss(batch).backward()
     if name.startswith("grouped:"):
         chunk = batch.num_tasks if name == "grouped:all" else int(name.split(":")[1])
@@ -114,6 +127,45 @@ def variant(name: str, model: torch.nn.Module, batch: TaskBatch, lr: float, loss
     return lambda: functional_step(model, batch, lr, channels_last, pool_first)
 
 
+def peak_saved_storage_bytes(fn: Callable[[], object]) -> int:
+    """As ``peak_saved_bytes``, but a storage that several saved tensors share (a ReLU's output that the
+    next convolution saves too) counts once, with its whole size: the memory the saved tensors hold."""
+    live: dict[int, list[int]] = {}  # storage address -> [saved tensors alive on it, its bytes]
+    state = {"live": 0, "peak": 0}
+
+    class Held:
+        def __init__(self, t: torch.Tensor) -> None:
+            storage = t.untyped_storage()
+            self.t, self.key = t, (storage.data_ptr(), storage.nbytes())
+            entry = live.setdefault(self.key[0], [0, self.key[1]])
+            if entry[0] == 0:
+                state["live"] += entry[1]
+                state["peak"] = max(state["peak"], state["live"])
+            entry[0] += 1
+
+        def __del__(self) -> None:
+            entry = live[self.key[0]]
+            entry[0] -= 1
+            if entry[0] == 0:
+                state["live"] -= entry[1]
+                del live[self.key[0]]
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+        fn()
+    return state["peak"]
+
+
+def rss_growth(name: str, tasks: int, threads: int, queue: mp.Queue) -> None:
+    """In a fresh process: the growth (MiB) of peak RSS over one meta-gradient of variant ``name``."""
+    torch.set_num_threads(threads)
+    model, batch, lr, loss_fn = make("conv4")
+    step = variant(name, model, batch.slice(slice(0, tasks)), lr, loss_fn)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8, help="tasks in the meta-batch (speed.py's case: 32)")
@@ -122,11 +174,25 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--profile", default=None, metavar="VARIANTS",
                         help="instead of timing, print torch.profiler's ops by self CPU time for these variants")
+    parser.add_argument("--rss", default=None, metavar="VARIANTS",
+                        help="instead of timing, print each variant's peak RSS growth over one meta-gradient")
     args = parser.parse_args()
-    names = (args.profile or args.variants).split(",")
-    unknown = [n for n in names if n not in VARIANTS and not n.startswith("grouped:")]
+    names = (args.rss or args.profile or args.variants).split(",")
+    unknown = [n for n in names if n not in VARIANTS and not n.startswith(("grouped:", "mamlab:conv:"))]
     if unknown:
         parser.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
+    if args.rss:
+        ctx = mp.get_context("spawn")
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.tasks} tasks: peak RSS growth over one "
+              "meta-gradient, each variant in a fresh process")
+        for n in names:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=rss_growth, args=(n, args.tasks, args.threads, queue))
+            proc.start()
+            growth = queue.get()
+            proc.join()
+            print(f"  {n:<26} +{growth:8.1f} MiB")
+        return
     torch.set_num_threads(args.threads)
     model, batch, lr, loss_fn = make("conv4")
     batch = batch.slice(slice(0, args.tasks))
@@ -139,10 +205,12 @@ def main() -> None:
             print(f"{n}: one meta-gradient of {args.tasks} tasks, {args.threads} thread(s)")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
         return
-    grads, saved = {}, {}
+    grads, saved, stored = {}, {}, {}
     for n, step in steps.items():  # warm-up; the gradients, to check every variant against the loop
         model.zero_grad()
         saved[n] = peak_saved_bytes(step)
+        model.zero_grad()
+        stored[n] = peak_saved_storage_bytes(step)
         grads[n] = torch.cat([p.grad.flatten() for p in model.parameters()])
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.rounds):
@@ -158,7 +226,8 @@ def main() -> None:
     for n in names:
         err = ((grads[n] - grads[ref]).norm() / grads[ref].norm()).item()
         print(f"  {n:<26} {median[n]:7.3f} s/it  {median[ref] / median[n]:5.2f}x   saved tensors "
-              f"{saved[n] / 2**20:7.1f} MiB  {saved[n] / saved[ref]:5.2f}x   grad rel. diff {err:.1e}")
+              f"{saved[n] / 2**20:7.1f} MiB  {saved[n] / saved[ref]:5.2f}x   distinct storages "
+              f"{stored[n] / 2**20:7.1f} MiB   grad rel. diff {err:.1e}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ dicts (each tensor has a leading task dimension ``[T, ...]``). A ``TaskEngine`` 
 * ``"batched"``: MLPs (a Sequential of Linear layers and activations); every task's weights
   ``[T, out, in]`` go through one ``baddbmm`` per layer (``mamlab.core.batched``).
 * ``"vmap"``: any model; ``torch.func.vmap`` over a functional forward.
-* ``"conv"``: Conv4-like nets (``mamlab.core.conv``), one task at a time as on the loop path, in
-  channels-last memory, max-pooling before ReLU, the first BatchNorm folded into its convolution:
-  the fastest path for them on CPU.
+* ``"conv"``: Conv4-like nets (``mamlab.core.conv``), in channels-last memory, max-pooling before
+  ReLU, the first BatchNorm folded into its convolution. On the CPU one task at a time, as on the
+  loop path: the fastest path for them there. A chunk of tasks (``task_chunk``; by default, on CUDA
+  devices, the whole meta-batch, as vmap) runs together as the groups of grouped convolutions,
+  with max-pooling that keeps one byte per output and the first layer in slices of images: for 32
+  Conv4 tasks it holds a fifth of vmap's saved tensors (``benchmarks/conv_cpu.py``). ``auto`` still
+  takes vmap on the GPU, since the conv path's GPU speed is not yet measured.
 * ``"loop"``: one task at a time (chunks of one task, run with the model's own forward). On CPU
   batched convolutions under vmap are slower and far hungrier for memory than this; the only path
   for BatchNorm that tracks running statistics.
@@ -36,7 +40,7 @@ from torch.func import vmap
 
 from mamlab.core.batch import TaskBatch
 from mamlab.core.batched import batched_forward, plan_for
-from mamlab.core.conv import conv_forward, conv_plan_for
+from mamlab.core.conv import conv_forward, conv_forward_tasks, conv_plan_for
 from mamlab.core.losses import LossFn, per_task_loss
 from mamlab.core.params import Params, buffers_of, check_forward_signature, check_output, forward
 from mamlab.errors import MamlabError, check_choice, check_positive
@@ -67,7 +71,8 @@ def default_execution(model: nn.Module, device: torch.device | str = "cpu") -> s
     magnitude faster than a loop, but runs Conv4+BatchNorm slower with ~9x the memory. Models
     whose BatchNorm tracks running statistics also go to the loop, since vmap cannot update a
     shared running mean from batched tasks. The channels-last conv path runs Conv4 faster than the
-    loop on CPU (README, Speed).
+    loop on CPU (README, Speed). On CUDA devices Conv4-like nets stay on vmap until a GPU measures
+    the conv path's chunks of tasks (which hold far less memory than vmap; README, Speed).
     """
     device = torch.device(device)
     if plan_for(model) is not None:
@@ -251,7 +256,8 @@ class TaskEngine:
         model: the network whose functional forward is run (its buffers are used as they are).
         loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
         execution: ``"auto"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"conv"``.
-        task_chunk: on the batched paths, how many tasks run together (default: the whole batch).
+        task_chunk: how many tasks run together on the batched, vmap and conv paths (default: the whole
+            batch; on the conv path one task on the CPU, the whole batch on CUDA devices).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, execution: str = "auto",
@@ -307,9 +313,22 @@ class TaskEngine:
             device = next(self.model.parameters()).device
         return default_execution(self.model, device)
 
-    def chunks(self, num_tasks: int, path: str) -> list[slice]:
-        """Task slices computed together: one task each on the loop and conv paths, else ``task_chunk``."""
-        size = 1 if path in ("loop", "conv") else (self.task_chunk or num_tasks)
+    def chunks(self, num_tasks: int, path: str, device: torch.device | str | None = None) -> list[slice]:
+        """Task slices computed together.
+
+        The loop path: one task each. The conv path: ``task_chunk`` tasks if given, else one task on
+        the CPU (measured fastest there) and the whole meta-batch on CUDA devices (like vmap; peak
+        memory is then the graph of all tasks). The other paths: ``task_chunk``, else all tasks.
+        ``device`` (default: the model's) is where the tasks run.
+        """
+        if path == "loop":
+            size = 1
+        elif path == "conv" and self.task_chunk is None:
+            if device is None:
+                device = next(self.model.parameters()).device
+            size = num_tasks if torch.device(device).type == "cuda" else 1
+        else:
+            size = self.task_chunk or num_tasks
         return [slice(s, min(s + size, num_tasks)) for s in range(0, num_tasks, size)]
 
     def forward(self, params: Mapping[str, torch.Tensor], shared: Mapping[str, torch.Tensor],
@@ -331,10 +350,14 @@ class TaskEngine:
                 self.output_checked = True
             return out
 
+        if path == "conv":
+            if x.shape[0] > 1:  # the tasks as the groups of grouped convolutions (mamlab.core.conv)
+                return conv_forward_tasks(self.conv_plan, {**common, **per}, x)  # type: ignore[arg-type]
+            return conv_forward(self.conv_plan, {**common, **{k: p[0] for k, p in per.items()}},  # type: ignore[arg-type]
+                                x[0])[None]
+
         def one(i: int) -> torch.Tensor:
             theta = {**common, **{k: p[i] for k, p in per.items()}}
-            if path == "conv":
-                return conv_forward(self.conv_plan, theta, x[i])  # type: ignore[arg-type]
             out = forward(self.model, theta, x[i], buffers)
             if not self.output_checked:  # once: a model returning a tuple or a dict is a one-line error
                 check_output(self.model, out)
@@ -365,7 +388,7 @@ class TaskEngine:
         total = torch.zeros((), dtype=wrt[0].dtype, device=batch.query_x.device)
         grads = [torch.zeros_like(p) for p in wrt]
         named = {str(i): p for i, p in enumerate(wrt)}
-        for s in self.chunks(num_tasks, path):
+        for s in self.chunks(num_tasks, path, batch.support_x.device):
             loss = task_losses(batch.slice(s), path).sum() / num_tasks
             try:
                 chunk_grads = grad_of(loss, named, create_graph=False)
