@@ -56,9 +56,10 @@ RUN_OPTIONS: tuple[Option, ...] = (
            "(from β down to 0)", choices=SCHEDULES),
     Option("seed", "int", 0, "seed of the initialization, the task stream and validation tasks",
            positive="nonnegative"),
-    Option("execution", "str", "auto", "how tasks run: auto, batched (MLPs), conv (Conv4-like nets on the "
-           "CPU), vmap or loop", choices=EXECUTIONS),
-    Option("task_chunk", "int", None, "tasks run together on the batched paths (bounds memory)",
+    Option("execution", "str", "auto", "how tasks run: auto, batched (MLPs), conv (Conv4-like nets: one task "
+           "at a time on the CPU, grouped convolutions on CUDA), vmap or loop", choices=EXECUTIONS),
+    Option("task_chunk", "int", None, "tasks run together on the batched, vmap and conv paths (bounds "
+           "memory; default: all, or one on the CPU's conv path)",
            positive=True, nullable=True),
     Option("val_every", "int", 1000, "validate every N iterations", positive=True),
     Option("val_tasks", "int", 100, "validation tasks", positive=True),

@@ -91,15 +91,19 @@ def _images(tasks: int = 2, seed: int = 0, device: str = "cpu") -> TaskBatch:
     return TaskBatch(x, labels, qx, labels).to(device=device, dtype=torch.get_default_dtype())
 
 
+#: (model, execution path); "conv:2" is the conv path with chunks of two tasks (grouped convolutions,
+#: as it runs on CUDA by default)
 CASES = [("mlp", "batched"), ("mlp", "vmap"), ("mlp", "loop"), ("conv4", "vmap"), ("conv4", "conv"),
-         ("conv4", "loop")]
+         ("conv4", "conv:2"), ("conv4", "loop")]
 
 
 def _algorithm(name: str, model: str, execution: str, device: str = "cpu"):
     torch.manual_seed(0)
     net = MLP(1, 1, hidden=(8, 8)) if model == "mlp" else Conv4(3, hidden=4, image_size=16)
     loss = F.mse_loss if model == "mlp" else F.cross_entropy
-    algorithm = build_algorithm(name, net.to(device), loss, {"inner_steps": 2}, execution=execution)
+    execution, _, chunk = execution.partition(":")
+    algorithm = build_algorithm(name, net.to(device), loss, {"inner_steps": 2}, execution=execution,
+                                task_chunk=int(chunk) if chunk else None)
     algorithm.start_iteration(1, 10**6)
     return algorithm
 

@@ -48,7 +48,7 @@ class MetaAlgorithm(nn.Module):
         model: the network f_θ (any ``nn.Module``); its trainable parameters are θ.
         loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
         execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (``mamlab.core.execution``).
-        task_chunk: on the batched paths, how many tasks run together (bounds memory).
+        task_chunk: on the batched, vmap and conv paths, how many tasks run together (bounds memory).
 
     Subclasses set ``name`` (the registry's name) and ``inner_steps`` (the adaptation steps
     ``adapt`` takes by default, also at evaluation).
@@ -133,7 +133,7 @@ class MetaAlgorithm(nn.Module):
 
     @property
     def task_chunk(self) -> int | None:
-        """How many tasks run together on the batched paths (``None``: the whole batch)."""
+        """How many tasks run together on the batched, vmap and conv paths (``None``: the path's default)."""
         return self.engine.task_chunk
 
     def resolved_execution(self, device: torch.device | str | None = None) -> str:

@@ -48,8 +48,9 @@ class MAML(InnerLoopAlgorithm):
             different speed and memory; ``mamlab.core.execution``).
         inner_params: names of the parameters adapted in the inner loop (default: all). Only
             the head, for example, gives ANIL (Raghu et al. 2020). The outer loop updates all.
-        task_chunk: with ``"batched"``/``"vmap"``, how many tasks run together (default: the whole
-            batch); smaller chunks trade speed for memory.
+        task_chunk: with ``"batched"``, ``"vmap"`` or ``"conv"``, how many tasks run together
+            (default: the whole batch; one task on the CPU's conv path); smaller chunks trade speed
+            for memory.
         recompute: second order only: recompute each inner step's graph in backward instead of
             keeping it, so graph memory barely grows with ``inner_steps`` (``InnerLoopAlgorithm``);
             the same meta-gradient for about one more forward-and-gradient per step.
