@@ -564,7 +564,7 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
         algorithm = build_run_algorithm(config)
         algorithm.start_iteration(1, config.iterations)
         path = algorithm.resolved_execution(device)
-        together = 1 if path == "loop" else min(tasks, config.task_chunk or tasks)
+        together = max(s.stop - s.start for s in algorithm.engine.chunks(tasks, path, device))
         gen = torch.Generator().manual_seed(0)
         with precision_context(config.precision, torch.device("cpu")):
             est = estimate_step(algorithm.meta_loss, lambda s, q: family.sample(1, s, q, gen),

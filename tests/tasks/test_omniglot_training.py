@@ -75,3 +75,18 @@ def test_eval_fewer_ways_than_the_model_has(omniglot_zips: Path, tmp_path: Path,
     assert json.loads(capsys.readouterr().out)["results"][0]["accuracy"] >= 0
     assert main(["eval", str(tmp_path / "run"), "--ways", "4"]) == 2
     assert "--ways must be between 1 and the model's 3 outputs, got 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunk,together", [(None, "1 task"), (2, "2 tasks")])
+def test_the_memory_check_counts_the_tasks_the_conv_path_holds(omniglot_zips: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, chunk, together):
+    """On the CPU the conv path holds one task's graph at a time (a given task_chunk: that many)."""
+    import mamlab.train
+
+    free = iter([10**15, 1])  # enough for the parameters, then nothing for the step
+    monkeypatch.setattr(mamlab.train, "available_bytes", lambda device: next(free, 1))
+    config = resolve_config("omniglot", None, small(omniglot_zips, meta_batch=4, task_chunk=chunk,
+                                                     execution="conv", device="cpu"))
+    with pytest.raises(MamlabError, match=f"for {together} at once on the conv path"):
+        train(config, tmp_path / "run", progress=False, echo=lambda s: None)
+    assert not (tmp_path / "run").exists()
