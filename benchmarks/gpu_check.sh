@@ -47,15 +47,16 @@ data_args=()
 if [ -f "$data/all_runs.zip" ]; then data_args=(--data "$data"); else
   echo "no Omniglot data under $data: device_check.py skips the Omniglot speed" | tee -a "$log"; fi
 
-step device-check 180 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
+step device-check 170 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
   "${data_args[@]}"
 cp /tmp/device_check/device_check.json /tmp/device_check/commands.log "$out/" 2>/dev/null
-impls=loop,mamlab,mamlab:graph,mamlab:vmap,mamlab:conv,learn2learn,higher,torchopt
-step speed-sinusoid 60 python3 benchmarks/speed.py --device "$device" --case sinusoid --impls "$impls" \
-  --json "$out/speed-sinusoid.json"
-step speed-conv4 70 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$impls" \
+peers_impls=learn2learn,higher,torchopt
+step speed-sinusoid 80 python3 benchmarks/speed.py --device "$device" --case sinusoid \
+  --impls "loop,mamlab,mamlab:graph,mamlab:vmap,$peers_impls" --json "$out/speed-sinusoid.json"
+conv_impls="loop,mamlab,mamlab:graph,mamlab:conv,mamlab:graph:conv,mamlab:conv-nchw,$peers_impls"
+step speed-conv4 90 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$conv_impls" \
   --json "$out/speed-conv4.json"
-step speed-omniglot20 70 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$impls" \
+step speed-omniglot20 80 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$conv_impls" \
   --json "$out/speed-omniglot20.json"
 step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
   --impls mamlab,mamlab:conv --json "$out/scale.json"

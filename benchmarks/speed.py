@@ -243,12 +243,23 @@ def _mamlab(execution: str) -> Callable[[Setup], Step]:
     return build
 
 
-def _mamlab_graph(s: Setup) -> Step:
-    """MAML on the auto path, its meta-gradient replayed from a CUDA graph (``GraphedMetaGradient``)."""
-    if s.batch.support_x.device.type != "cuda":
-        raise Unavailable("CUDA graphs need a CUDA device")
-    graphed = GraphedMetaGradient(MAML(s.model, s.loss_fn, s.lr, inner_steps=s.steps))
-    return lambda: graphed(s.batch)  # sets .grad (the measured loop zeroes it before every step)
+def _mamlab_conv_nchw(s: Setup) -> Step:
+    """The conv path with NCHW maps instead of channels-last (``mamlab.core.conv.LAYOUTS``)."""
+    from mamlab.core import conv
+
+    conv.LAYOUTS[s.batch.support_x.device.type] = torch.contiguous_format  # this process only
+    return _mamlab("conv")(s)
+
+
+def _mamlab_graph(execution: str) -> Callable[[Setup], Step]:
+    """MAML on ``execution``, its meta-gradient replayed from a CUDA graph (``GraphedMetaGradient``)."""
+    def build(s: Setup) -> Step:
+        if s.batch.support_x.device.type != "cuda":
+            raise Unavailable("CUDA graphs need a CUDA device")
+        graphed = GraphedMetaGradient(MAML(s.model, s.loss_fn, s.lr, inner_steps=s.steps, execution=execution))
+        return lambda: graphed(s.batch)  # sets .grad (the measured loop zeroes it before every step)
+
+    return build
 
 
 def _anil(s: Setup) -> Step:
@@ -314,7 +325,9 @@ IMPLEMENTATIONS: dict[str, Callable[[Setup], Step]] = {
     "mamlab:vmap": _mamlab("vmap"),
     "mamlab:loop": _mamlab("loop"),
     "mamlab:conv": _mamlab("conv"),
-    "mamlab:graph": _mamlab_graph,
+    "mamlab:conv-nchw": _mamlab_conv_nchw,
+    "mamlab:graph": _mamlab_graph("auto"),
+    "mamlab:graph:conv": _mamlab_graph("conv"),
     "anil": _anil,
     "learn2learn": _learn2learn,
     "higher": _higher,
@@ -333,7 +346,8 @@ def default_impls(case: str, device: str) -> list[str]:
     if case == "sinusoid":
         mamlab = ["mamlab", *graph, "mamlab:vmap", "mamlab:loop", "anil"]
     else:
-        mamlab = ["mamlab", *graph, "mamlab:conv", "mamlab:loop", "mamlab:vmap", "anil"]
+        mamlab = ["mamlab", *graph, *[f"{g}:conv" for g in graph], "mamlab:conv", "mamlab:loop", "mamlab:vmap",
+                  "anil"]
         if case == "omniglot20":
             mamlab = [m for m in mamlab if m != "anil"]
     return ["loop", *mamlab, *PEERS]

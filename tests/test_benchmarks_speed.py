@@ -30,7 +30,8 @@ def _script() -> ModuleType:
 
 speed = _script()
 MAML_IMPLS = [name for name in speed.IMPLEMENTATIONS if name not in speed.NOT_MAML and name != "loop"]
-APPLIES = {"sinusoid": lambda name: name != "mamlab:conv", "conv": lambda name: name != "mamlab:batched"}
+APPLIES = {"sinusoid": lambda name: not name.startswith("mamlab:conv") and not name.endswith(":conv"),
+           "conv": lambda name: name != "mamlab:batched"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def _available(name: str) -> None:
         pytest.skip(f"no learn2learn loader in {speed.default_peers()}")
     if name in ("higher", "torchopt"):
         pytest.importorskip(name)
-    if name == "mamlab:graph":  # its logic is tested on the CPU in tests/core/test_graphs.py
+    if name.startswith("mamlab:graph"):  # its logic is tested on the CPU in tests/core/test_graphs.py
         pytest.skip("CUDA graphs need a CUDA device (the tiny cases run on the CPU)")
 
 

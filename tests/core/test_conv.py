@@ -21,7 +21,7 @@ from torch import nn
 
 import mamlab.core.conv as conv_module
 from mamlab import ANIL, MAML, MamlabError, MAMLPlusPlus, TaskBatch
-from mamlab.core.conv import _TiledMaxPool, conv_forward, conv_forward_tasks, conv_plan_for
+from mamlab.core.conv import LAYOUTS, _TiledMaxPool, conv_forward, conv_forward_tasks, conv_plan_for
 from mamlab.core.execution import default_execution
 from mamlab.core.memory import peak_saved_bytes
 from mamlab.models import MLP, Conv4
@@ -102,8 +102,11 @@ def test_a_plain_sequential_conv_net_runs_the_same() -> None:
 @pytest.mark.parametrize("downsample", ["pool", "stride"])
 @pytest.mark.parametrize("steps, first_order", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("task_chunk", [None, 3, 5])  # None: one task at a time (the CPU default)
-def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: str, steps: int,
-                                                                   first_order: bool, task_chunk: int | None) -> None:
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous_format"])
+def test_meta_gradient_and_adapted_parameters_equal_the_loop_path(downsample: str, steps: int, first_order: bool,
+                                                                   task_chunk: int | None, layout: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(LAYOUTS, "cpu", getattr(torch, layout))
     model = conv4(downsample)
     batch = binary_batch(tasks=5)  # chunks of 3 and 2 tasks, or all 5 together (the CUDA default)
     conv = MAML(model, F.cross_entropy, 0.3, steps, first_order=first_order, execution="conv",

@@ -58,7 +58,13 @@ from torch import nn
 from mamlab.core.batched import ELEMENTWISE
 from mamlab.errors import MamlabError
 
-__all__ = ["ConvPlan", "conv_plan_for", "conv_forward", "conv_forward_tasks"]
+__all__ = ["LAYOUTS", "ConvPlan", "conv_plan_for", "conv_forward", "conv_forward_tasks"]
+
+
+#: The memory layout of the maps, by device type. Channels-last measured fastest on the CPU (README,
+#: Speed); on CUDA it is not yet measured against NCHW (``benchmarks/speed.py --device cuda --impls
+#: mamlab:conv,mamlab:conv-nchw`` compares them). Both compute the same numbers.
+LAYOUTS: dict[str, torch.memory_format] = {"cpu": torch.channels_last, "cuda": torch.channels_last}
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ def _grouped_forward(plan: ConvPlan, params: Mapping[str, torch.Tensor], x: torc
     # an explicit copy: ``.contiguous(memory_format=...)`` keeps a 1-channel tensor's NCHW strides (it
     # is both), and the NHWC strides are what make oneDNN produce channels-last outputs
     h = torch.empty((n, tasks * x.shape[2], *x.shape[3:]), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
+                    memory_format=LAYOUTS.get(x.device.type, torch.channels_last))
     h.copy_(x.transpose(0, 1).reshape(h.shape))
     layers = plan.layers
     i = 0
