@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamlab import TaskBatch, build_algorithm
-from mamlab.models import MLP
+from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,14 +102,17 @@ def cuda_graphs(device: torch.device, quick: bool) -> dict:
     labels = torch.arange(5).repeat(4, 1)
     images = [TaskBatch(_images(4, 5, gen), labels, _images(4, 5, gen), labels).to(device=device)
               for _ in range(3)]
-    cases = [(algo, "mlp", lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, sinus, 0.01)
+    cases = [(algo, "mlp", lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, sinus, 0.01, "auto")
              for algo in ("maml", "fomaml", "anil", "mamlpp", "metasgd", "imaml", "reptile", "pretrain")]
-    cases += [(algo, "convbn", ConvBN, F.cross_entropy, images, 0.1) for algo in ("maml", "mamlpp")]
-    for algo, name, make, loss, batches, lr in cases:
+    cases += [(algo, "convbn", ConvBN, F.cross_entropy, images, 0.1, "auto") for algo in ("maml", "mamlpp")]
+    cases += [(algo, "conv4", lambda: Conv4(5, hidden=8), F.cross_entropy, images, 0.1, "conv")
+              for algo in ("maml", "anil")]  # the conv path: the tasks as grouped convolutions
+    def one_case(algo, make, loss, batches, lr, execution) -> tuple[float, int, str]:
         torch.manual_seed(1)
         models = [make().double().to(device) for _ in range(2)]
         models[1].load_state_dict(models[0].state_dict())
-        eager, graphed_alg = (build_algorithm(algo, m, loss, {"inner_lr": lr, "inner_steps": 2}) for m in models)
+        eager, graphed_alg = (build_algorithm(algo, m, loss, {"inner_lr": lr, "inner_steps": 2},
+                                              execution=execution) for m in models)
         for a in (eager, graphed_alg):
             if algo == "mamlpp":
                 a.iterations_per_epoch = 2  # a new epoch (new loss weights: a recapture) every 2 calls
@@ -124,8 +127,17 @@ def cuda_graphs(device: torch.device, quick: bool) -> dict:
             ref = torch.cat([p.grad.flatten() for p in eager.meta_parameters()])
             got = torch.cat([p.grad.flatten() for p in graphed_alg.meta_parameters()])
             worst = max(worst, float((got - ref).norm() / ref.norm()))
-        out["float64_max_relative"][f"{name}/{algo}/{graphed_alg.resolved_execution()}"] = worst
-        out["captures"][f"{name}/{algo}"] = graphed.captures
+        return worst, graphed.captures, graphed_alg.resolved_execution()
+
+    for algo, name, make, loss, batches, lr, execution in cases:
+        try:
+            worst, captures, path = one_case(algo, make, loss, batches, lr, execution)
+        except Exception as e:  # noqa: BLE001 - one case failing must not hide the others
+            out["float64_max_relative"][f"{name}/{algo}"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            continue
+        out["float64_max_relative"][f"{name}/{algo}/{path}"] = worst
+        out["captures"][f"{name}/{algo}"] = captures
+
 
     def per_iteration(use_graph: bool, batch: TaskBatch, make, loss, iters: int) -> float:
         torch.manual_seed(0)
