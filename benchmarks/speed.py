@@ -247,8 +247,18 @@ def _mamlab_conv_nchw(s: Setup) -> Step:
     """The conv path with NCHW maps instead of channels-last (``mamlab.core.conv.LAYOUTS``)."""
     from mamlab.core import conv
 
-    conv.LAYOUTS[s.batch.support_x.device.type] = torch.contiguous_format  # this process only
-    return _mamlab("conv")(s)
+    plain = _mamlab("conv")(s)
+    device = s.batch.support_x.device.type
+
+    def step() -> None:  # the layout is set for the step only: other callers in this process keep theirs
+        old = conv.LAYOUTS[device]
+        conv.LAYOUTS[device] = torch.contiguous_format
+        try:
+            plain()
+        finally:
+            conv.LAYOUTS[device] = old
+
+    return step
 
 
 def _mamlab_graph(execution: str) -> Callable[[Setup], Step]:

@@ -17,3 +17,12 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("MAMLAB_CACHE_DIR", str(tmp_path_factory.mktemp("mamlab-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def float64():
+    """Gradients are compared in float64: the default dtype for the test, restored after it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

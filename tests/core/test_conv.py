@@ -26,13 +26,7 @@ from mamlab.core.execution import default_execution
 from mamlab.core.memory import peak_saved_bytes
 from mamlab.models import MLP, Conv4
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here compares in float64 (tests/conftest.py)
 
 
 def conv4(downsample: str = "pool", seed: int = 0) -> Conv4:

@@ -129,15 +129,6 @@ def test_every_meta_step_leaves_the_host_alone(name, model, execution):
 
 # ---------------------------------------------------------------------------------------- the wrapper
 @pytest.fixture
-def float64():
-    """Gradients are compared in float64."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-@pytest.fixture
 def on_cpu(monkeypatch):
     """Let the wrapper be built on the CPU (the capture is ``EagerGraph``'s)."""
     monkeypatch.setattr(graphs, "check_capturable", lambda algorithm, device: None)

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from mamlab.errors import MamlabError
 from mamlab.evaluate import evaluate_model, evaluate_on_oneshot_runs
 from mamlab.train import load_run
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "compare_omniglot.py"
-
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("compare_omniglot", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare_omniglot")
 
 
 @pytest.fixture(scope="module")
