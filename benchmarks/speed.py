@@ -551,14 +551,14 @@ def compare(case: str, impls: list[str], base: Job, repeat: int) -> dict[str, ob
                                  else f"skipped: {r['skipped']})"), flush=True)
     refs = {name: rows.get(name) for name in ("loop", "learn2learn")}
     refs = {k: (v if v and "it_s" in v else None) for k, v in refs.items()}
-    print(f"  {'implementation':<15}{'it/s':>10}{'x loop':>8}{'x l2l':>8}   {'peak memory':>11}"
+    print(f"  {'implementation':<19}{'it/s':>10}{'x loop':>8}{'x l2l':>8}   {'peak memory':>11}"
           f"{'x loop':>8}{'x l2l':>8}")
     for impl, r in rows.items():
         if "it_s" not in r:
-            print(f"  {impl:<15}skipped: {r['skipped']}")
+            print(f"  {impl:<19}skipped: {r['skipped']}")
             continue
         loop, l2l = refs["loop"], refs["learn2learn"]
-        print(f"  {impl:<15}{r['it_s']:>10.2f}{_ratio(r['it_s'], loop and loop['it_s']):>8}"
+        print(f"  {impl:<19}{r['it_s']:>10.2f}{_ratio(r['it_s'], loop and loop['it_s']):>8}"
               f"{_ratio(r['it_s'], l2l and l2l['it_s']):>8}   {_memory(r['peak_bytes']):>11}"
               f"{_ratio(r['peak_bytes'], loop and loop['peak_bytes']):>8}"
               f"{_ratio(r['peak_bytes'], l2l and l2l['peak_bytes']):>8}")
@@ -664,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, rows in results.items():
             print(f"  {case}")
             for impl, r in rows.items():
-                print(f"    {impl:<15}{r:.2e}" if isinstance(r, float) else f"    {impl:<15}{r}")
+                print(f"    {impl:<19}{r:.2e}" if isinstance(r, float) else f"    {impl:<19}{r}")
         report["check"] = results
     elif args.scale:
         chosen = impls or ["mamlab"]
