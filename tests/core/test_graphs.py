@@ -127,6 +127,25 @@ def test_every_meta_step_leaves_the_host_alone(name, model, execution):
                if p.requires_grad and p.grad is not None)
 
 
+@pytest.mark.parametrize("name,options", [
+    ("reptile", {"inner_optimizer": "adam", "inner_batch": 3, "train_on": "support"}),
+    ("mamlpp", {"msl": False, "lslr": False, "per_step_bn": False, "first_order_epochs": 0}),
+    ("imaml", {"cg_steps": 3, "lam": 0.5}),
+    ("maml", {"first_order": True, "inner_steps": 3}),
+    ("maml", {"recompute": True, "inner_steps": 3}),
+])
+def test_meta_steps_with_other_options_leave_the_host_alone(name, options):
+    torch.manual_seed(0)
+    algorithm = build_algorithm(name, MLP(1, 1, hidden=(8, 8)), F.mse_loss, {"inner_steps": 2, **options})
+    algorithm.start_iteration(1, 10**6)
+    batch = _sinusoid()
+    algorithm.meta_loss(batch).backward()
+    syncs, reads = HostSyncs(), HostReads()
+    with syncs, reads:
+        algorithm.meta_loss(batch).backward()
+    assert not syncs.found and not reads.found, (syncs.found, reads.found)
+
+
 # ---------------------------------------------------------------------------------------- the wrapper
 @pytest.fixture
 def on_cpu(monkeypatch):
