@@ -114,3 +114,18 @@ def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys: pytes
     assert speed.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_prepared_gpu_call_names_implementations_that_exist() -> None:
+    """``benchmarks/gpu_check.sh`` runs once on a rare GPU machine: a renamed implementation must fail here."""
+    import re
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    names = set()
+    for value in re.findall(r'--impls "?([^"\s]+)"?', script) + re.findall(r'^\w+_impls="?([^"\n]+)"?$', script,
+                                                                                flags=re.M):
+        names |= {n for n in value.split(",") if n and not n.startswith("$")}
+    assert {"mamlab:graph", "mamlab:graph:conv", "mamlab:conv-nchw", "learn2learn"} <= names
+    assert names <= set(speed.IMPLEMENTATIONS), names - set(speed.IMPLEMENTATIONS)
+    outputs = set(re.findall(r'\$out/([\w.-]+)', script)) | {"device_check.json", "commands.log"}
+    assert len(outputs) <= 8, outputs  # what the GPU machine brings back
