@@ -13,7 +13,9 @@ next step still runs, and everything lands in ``--out`` (``device_check.json`` a
 4. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated; the
    GPU run again with ``--cuda-graph``, compared with the eager one;
 5. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
-   meta-batch 16 (Finn et al.'s setting), first and second order, when Omniglot data is given;
+   meta-batch 16 (Finn et al.'s setting), first and second order, when Omniglot data is given (the
+   closing line's average and the median from ``metrics.jsonl``); on CUDA second order also on the
+   conv path, with ``--cuda-graph``, and both;
 6. ``mamlab eval --omniglot-runs`` and ``mamlab analyze`` on the GPU.
 
 Usage (``--data``: a folder holding images_background_small1/2.zip and all_runs.zip)::
@@ -190,6 +192,18 @@ def rate(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def median_seconds(run_dir: Path) -> float | None:
+    """The median wall time of a run's meta-iterations (``metrics.jsonl``), the last one (with its
+    validation) left out: the steady rate, past the first iterations' one-time work."""
+    from mamlab.runlog import read_metrics
+
+    try:
+        seconds = [r["seconds"] for r in read_metrics(run_dir) if "seconds" in r][:-1]
+    except Exception:  # noqa: BLE001 - a run that failed has no metrics: say None
+        return None
+    return sorted(seconds)[len(seconds) // 2] if seconds else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -267,15 +281,20 @@ def main() -> int:
     if args.data is not None and (args.data / "all_runs.zip").exists():
         def omniglot() -> dict:
             r = {}
-            iters = 20 if args.quick else 150
-            for order, flags in (("first", ["--first-order"]), ("second", ["--no-first-order"])):
+            iters = 20 if args.quick else 100
+            variants = [("first", ["--first-order"]), ("second", ["--no-first-order"])]
+            if device.type == "cuda":  # the paths of the "Speed near the hardware" issue, second order
+                variants += [("second-conv", ["--no-first-order", "--execution", "conv"]),
+                             ("second-graph", ["--no-first-order", "--cuda-graph"]),
+                             ("second-conv-graph", ["--no-first-order", "--execution", "conv", "--cuda-graph"])]
+            for order, flags in variants:
                 d = args.out / f"omni-{order}"
                 rc, text, secs = sh([*mam, "train", "omniglot", "--data", str(args.data), "--ways", "20",
                                      "--device", str(device), "--iterations", str(iters), "--no-progress",
                                      "--val-every", str(iters), "--checkpoint-every", str(iters),
                                      "--out", str(d), *flags], log)
                 spi = rate(text)
-                r[order] = {"exit": rc, "s_per_iteration": spi,
+                r[order] = {"exit": rc, "s_per_iteration": spi, "median_s": median_seconds(d),
                             "hours_for_60000": None if not spi else 60000 * spi / 3600, "wall_s": secs}
             rc, text, _ = sh([*mam, "eval", str(args.out / "omni-first"), "--device", str(device),
                               "--omniglot-runs", str(args.data / "all_runs.zip")], log)

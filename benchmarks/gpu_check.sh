@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check and timing that needs a GPU, in one call of about 8 minutes (never run in CI).
+# Every check and timing that needs a GPU, in one call of about 9 minutes (never run in CI).
 #
 # On the GPU machine (no internet; Python 3.12 with torch, numpy, matplotlib, safetensors, tqdm and
 # tensorboard preinstalled), from the repository root, with copies of ../shared/peers and
@@ -47,11 +47,11 @@ data_args=()
 if [ -f "$data/all_runs.zip" ]; then data_args=(--data "$data"); else
   echo "no Omniglot data under $data: device_check.py skips the Omniglot speed" | tee -a "$log"; fi
 
-step device-check 170 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
+step device-check 210 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
   "${data_args[@]}"
 cp /tmp/device_check/device_check.json /tmp/device_check/commands.log "$out/" 2>/dev/null
 peers_impls=learn2learn,higher,torchopt
-step speed-sinusoid 80 python3 benchmarks/speed.py --device "$device" --case sinusoid \
+step speed-sinusoid 70 python3 benchmarks/speed.py --device "$device" --case sinusoid \
   --impls "loop,mamlab,mamlab:graph,mamlab:vmap,$peers_impls" --json "$out/speed-sinusoid.json"
 conv_impls="loop,mamlab,mamlab:graph,mamlab:conv,mamlab:graph:conv,mamlab:conv-nchw,$peers_impls"
 step speed-conv4 90 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$conv_impls" \
@@ -61,5 +61,5 @@ step speed-omniglot20 80 python3 benchmarks/speed.py --device "$device" --case o
 step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
   --impls mamlab,mamlab:conv --json "$out/scale.json"
 step long-inner-loops 25 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3
-step imaml-memory 20 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
+step imaml-memory 15 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
 echo "=== done" | tee -a "$log"
