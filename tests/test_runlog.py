@@ -196,3 +196,13 @@ def test_hyperparameters_go_to_the_hparams_and_text_tabs_of_the_run_itself(tmp_p
     assert [t.step for t in texts] == [0, 1]  # a resumed run states its config at the resume point
     assert "| run/meta_lr | 0.001 |" in texts[0].tensor_proto.string_val[0].decode()
     assert [s for s, _ in tb_scalars(tmp_path)["loss"]] == [1, 2]
+
+
+def test_lines_kept_from_tensorboard_are_in_the_jsonl_only(tmp_path):
+    with RunLogger(tmp_path) as log:
+        for it in range(6):
+            log.log(it, loss=float(it), tensorboard=it % 3 == 0)
+        with pytest.raises(RunLogError, match="tensorboard must be True or False, got 0.5"):
+            log.log(6, tensorboard=0.5)
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4, 5]
+    assert [s for s, _ in tb_scalars(tmp_path)["loss"]] == [0, 3]

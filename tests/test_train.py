@@ -360,3 +360,34 @@ def test_a_graphed_meta_gradient_trains_the_same_run(tmp_path, monkeypatch):
     assert [r["meta_loss"] for r in read_metrics(tmp_path / "plain")] == \
         [r["meta_loss"] for r in read_metrics(tmp_path / "graphed")]
     assert calls == [4] * 12
+
+
+def test_tensorboard_gets_a_thinned_curve_and_metrics_jsonl_every_iteration(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import mamlab.train
+
+    monkeypatch.setattr(mamlab.train, "TENSORBOARD_POINTS", 5)  # 30 iterations: every 6th, as 70,000 would
+    train(resolve_config("sinusoid", None, SMALL), tmp_path / "run", progress=False)  # validation every 10
+    assert [m["iteration"] for m in read_metrics(tmp_path / "run")] == list(range(1, 31))
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("meta_loss")] == [6, 10, 12, 18, 20, 24, 30]
+    assert [e.step for e in acc.Scalars("val_loss")] == [10, 20, 30]
+
+
+def test_finite_gradients_whose_norm_overflows_are_finite() -> None:
+    from torch import nn
+
+    from mamlab.train import _finite_grads
+
+    net = nn.Linear(2, 1)
+    net.weight.grad = torch.full((1, 2), 1e30)  # finite, but the float32 norm overflows to inf
+    net.bias.grad = torch.zeros(1)
+    norm = float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
+    assert norm == float("inf") and _finite_grads(net, norm)
+    net.bias.grad = torch.tensor([float("nan")])
+    norm = float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
+    assert not _finite_grads(net, norm)
+    net.bias.grad = torch.tensor([float("inf")])
+    assert not _finite_grads(net, float(torch.stack([p.grad.norm() for p in net.parameters()]).norm()))

@@ -373,22 +373,29 @@ class RunLogger:
             text = "".join(json.dumps(r) + "\n" for r in kept)
             write_bytes_atomic(self.path, text.encode())
 
-    def log(self, iteration: int, **metrics: Any) -> None:
+    def log(self, iteration: int, *, tensorboard: bool = True, **metrics: Any) -> None:
         """Append ``{"iteration": iteration, **metrics}`` as one line; real scalars also go to TensorBoard.
 
         Values may be numbers, 0-d or one-element tensors, numpy scalars, strings, or anything
         else JSON accepts (non-scalars are skipped for TensorBoard). NaN and infinity are written
         as Python's ``json`` writes them (``NaN``, ``Infinity``). Names may contain ``/`` to group
-        TensorBoard charts, e.g. ``log(k, **{"train/loss": x})``.
+        TensorBoard charts, e.g. ``log(k, **{"train/loss": x})``. ``tensorboard=False`` writes the
+        line to ``metrics.jsonl`` only: TensorBoard's writer is slow (its records are checksummed
+        in pure Python on a background thread that holds the interpreter), so a fast training loop
+        sends it only some iterations (``mamlab.train``: ``TENSORBOARD_POINTS``).
 
         Raises:
             RunLogError: the logger is closed, ``iteration`` is not an int, a metric is called
-                ``iteration``, or a value is not JSON-serializable (nothing is written).
+                ``iteration`` or ``tensorboard`` (``tensorboard`` must be a bool), or a value is not
+                JSON-serializable (nothing is written).
         """
         if self._file is None:
             raise RunLogError(f"{self.path}: log() on a closed RunLogger")
         if isinstance(iteration, bool) or not isinstance(iteration, int):
             raise RunLogError(f"{self.path}: iteration must be an int, got {iteration!r}")
+        if not isinstance(tensorboard, bool):
+            raise RunLogError(f"{self.path}: tensorboard must be True or False, got {tensorboard!r} "
+                              "(it is not a metric name)")
         values = {name: _jsonable(v) for name, v in metrics.items()}
         try:
             line = json.dumps({"iteration": iteration, **values})
@@ -396,7 +403,7 @@ class RunLogger:
             raise RunLogError(f"{self.path}: metrics at iteration {iteration} are not JSON: {e}") from None
         self._file.write((line + "\n").encode())
         self._file.flush()
-        if self._writer is not None:
+        if self._writer is not None and tensorboard:
             for name, v in metrics.items():
                 x = _scalar(v)
                 if x is not None:

@@ -80,6 +80,12 @@ ALGORITHM_FILE = "algorithm.safetensors"
 #: The training task stream uses ``seed``; validation tasks ``VAL_SEED_OFFSET + seed``.
 TRAIN_SEED_OFFSET = 0
 VAL_SEED_OFFSET = 2_000_029
+#: TensorBoard gets the training scalars of about this many iterations of a run (every iteration of a
+#: run this short or shorter), plus every validation and the last; ``metrics.jsonl`` gets all of them.
+#: TensorBoard shows 1,000 points per chart by default, and its writer costs ~0.2 ms of the
+#: interpreter per scalar, as much as a whole sinusoid meta-iteration for four of them
+#: (``benchmarks/train_loop.py``).
+TENSORBOARD_POINTS = 2000
 
 
 class TrainingDiverged(MamlabError):
@@ -432,6 +438,7 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
 
     share = dist.task_share(config.meta_batch)
     weight = dist.weight(config.meta_batch)
+    tensorboard_every = max(1, config.iterations // TENSORBOARD_POINTS)
     last: dict[str, Any] = {}
     bar = tqdm(total=config.iterations, initial=start, disable=not (progress and dist.is_main), unit="it",
                dynamic_ncols=True, desc=f"{config.algorithm} {config.task}")
@@ -461,7 +468,7 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             # logged: the global L2 norm of the all-reduced meta-gradient, before the optimizer's step
             norms = [p.grad.detach().norm() for p in algorithm.parameters() if p.grad is not None]
             grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
-            if not math.isfinite(value) or not _finite_grads(algorithm):
+            if not math.isfinite(value) or not _finite_grads(algorithm, grad_norm):
                 if not config.skip_nonfinite:
                     bar.close()
                     what = 'meta-gradient' if math.isfinite(value) else 'meta-loss'
@@ -492,7 +499,8 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
                     last.update(validate())
             last["seconds"] = time.perf_counter() - t_it  # the iteration's wall time, validation included
             with stop.protect():
-                log.log(it, **last)
+                log.log(it, tensorboard=it % tensorboard_every == 0 or it == config.iterations
+                        or "val_loss" in last, **last)
             bar.update(1)
             if it % 50 == 0 or it == config.iterations:
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -598,7 +606,14 @@ def _inner_lr_text(config: TrainConfig) -> str:
         else "the algorithm's inner step sizes"
 
 
-def _finite_grads(algorithm: nn.Module) -> bool:
-    """Whether every gradient is finite: one device sync, not one per parameter."""
+def _finite_grads(algorithm: nn.Module, norm: float) -> bool:
+    """Whether every gradient is finite, given their global L2 ``norm``.
+
+    A NaN or infinity in any gradient makes the norm non-finite, so a finite norm settles it with
+    no further pass; only a non-finite one (a NaN or infinity, or finite gradients whose squares
+    overflow) is checked gradient by gradient, in one device sync.
+    """
+    if math.isfinite(norm):
+        return True
     checks = [torch.isfinite(p.grad).all() for p in algorithm.parameters() if p.grad is not None]
     return not checks or bool(torch.stack(checks).all())
