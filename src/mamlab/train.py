@@ -82,9 +82,9 @@ TRAIN_SEED_OFFSET = 0
 VAL_SEED_OFFSET = 2_000_029
 #: TensorBoard gets the training scalars of about this many iterations of a run (every iteration of a
 #: run this short or shorter), plus every validation and the last; ``metrics.jsonl`` gets all of them.
-#: TensorBoard shows 1,000 points per chart by default, and its writer costs ~0.2 ms of the
-#: interpreter per scalar, as much as a whole sinusoid meta-iteration for four of them
-#: (``benchmarks/train_loop.py``).
+#: TensorBoard shows 1,000 points per chart by default, and its writer is slow: sending it every
+#: iteration of a sinusoid run cost 0.4 ms per iteration, a fifth of the meta-step on this
+#: machine's CPU (``benchmarks/train_loop.py``).
 TENSORBOARD_POINTS = 2000
 
 
