@@ -80,8 +80,9 @@ ALGORITHM_FILE = "algorithm.safetensors"
 #: The training task stream uses ``seed``; validation tasks ``VAL_SEED_OFFSET + seed``.
 TRAIN_SEED_OFFSET = 0
 VAL_SEED_OFFSET = 2_000_029
-#: TensorBoard gets the training scalars of about this many iterations of a run (every iteration of a
-#: run this short or shorter), plus every validation and the last; ``metrics.jsonl`` gets all of them.
+#: TensorBoard gets the training scalars of every ⌊iterations / this⌋-th iteration (so of every
+#: iteration of a run shorter than twice this), plus every validation and the last iteration;
+#: ``metrics.jsonl`` gets all of them.
 #: TensorBoard shows 1,000 points per chart by default, and its writer is slow: sending it every
 #: iteration of a sinusoid run cost 0.4 ms per iteration, a fifth of the meta-step on this
 #: machine's CPU (``benchmarks/train_loop.py``).
