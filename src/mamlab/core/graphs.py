@@ -25,9 +25,11 @@ What a graph needs, and how it is met:
 * **A rule that is fixed while captured.** An algorithm whose rule changes over training (MAML++'s
   multi-step loss weights, its first-order epochs) says so through ``rule_key()``; when the key
   changes, the step is captured anew (once per change; MAML++ changes at most once per epoch).
-* **Warm-up.** A few eager calls on a side stream before the capture, so one-time work (cuBLAS and
-  cuDNN handles, the algorithm's first-call checks) is not recorded. They leave no trace: buffers
-  (BatchNorm's running statistics) and the CUDA random state are restored afterwards.
+* **Warm-up.** A few eager calls on a side stream before the capture, which then records on that
+  same stream, so one-time work (cuBLAS and cuDNN handles and workspaces, the algorithm's
+  first-call checks, the streams autograd notes for the parameters) is done and is the capture's
+  own. The warm-up leaves no trace: buffers (BatchNorm's running statistics) and the CUDA random
+  state are restored afterwards.
 
 ``.grad`` after a call holds the graph's output tensors (set, not accumulated, as after
 ``zero_grad()`` and ``backward()``); the next call overwrites them, so copy a gradient you keep.
@@ -89,6 +91,7 @@ class GraphedMetaGradient:
         self.loss: torch.Tensor | None = None
         self.grads: tuple[torch.Tensor | None, ...] = ()
         self.captures = 0
+        self.stream: torch.cuda.Stream | None = None  # created on the first capture
 
     def _step(self) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """The eager step the graph records: the meta-loss and the meta-gradient of ``self.static``."""
@@ -119,10 +122,18 @@ class GraphedMetaGradient:
         torch.cuda.set_rng_state(state, device)
         return None
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream the warm-ups and the captures run on (one, so that what the warm-up set up per
+        stream, library handles and workspaces, and the stream autograd recorded for the parameters'
+        gradients, are the capture's own)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.params[0].device)
+        return self.stream
+
     def _warm_up(self) -> None:
-        """``warmup`` eager steps on a side stream, as ``torch.cuda.graph`` asks before a capture."""
+        """``warmup`` eager steps on the side stream, as ``torch.cuda.graph`` asks before a capture."""
         device = self.params[0].device
-        side = torch.cuda.Stream(device)
+        side = self._side_stream()
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
@@ -130,10 +141,10 @@ class GraphedMetaGradient:
         torch.cuda.current_stream(device).wait_stream(side)
 
     def _record(self) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]:
-        """One step recorded as a graph (not run), and the tensors its replays write."""
+        """One step recorded as a graph (not run) on the warm-ups' stream; the tensors its replays write."""
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._side_stream()):
                 out = self._step()
         except RuntimeError as e:  # an operation a graph cannot hold (a host synchronisation, mostly)
             name = getattr(self.algorithm, "name", "") or type(self.algorithm).__name__
