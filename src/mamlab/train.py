@@ -586,6 +586,8 @@ def _check_memory(config: TrainConfig, family: Any, dist: Distributed) -> None:
     free = available_bytes(device)
     sizes = {"data": est.data, "graph": est.graph, "parameters": est.parameters}
     fixes = dict(zip(sizes, lower, strict=True))
+    if path == "vmap" and algorithm.engine.conv_plan is not None:  # the conv path holds far less
+        fixes["graph"] = "use --execution conv (far less memory for a Conv4-like net), " + lower[1][4:]
     over = [fixes[k] for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])
             if free is not None and v > free]
     refuse(est.total, parts, "; ".join(over) or fixes[est.largest()], device)

@@ -90,3 +90,15 @@ def test_the_memory_check_counts_the_tasks_the_conv_path_holds(omniglot_zips: Pa
     with pytest.raises(MamlabError, match=f"for {together} at once on the conv path"):
         train(config, tmp_path / "run", progress=False, echo=lambda s: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_conv4_graph_too_big_for_vmap_points_to_the_conv_path(omniglot_zips: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mamlab.train
+
+    free = iter([10**15, 1])
+    monkeypatch.setattr(mamlab.train, "available_bytes", lambda device: next(free, 1))
+    config = resolve_config("omniglot", None, small(omniglot_zips, execution="vmap", device="cpu"))
+    with pytest.raises(MamlabError, match=r"on the vmap path.*use --execution conv \(far less memory for a "
+                                          r"Conv4-like net\), --execution loop, a smaller task_chunk"):
+        train(config, tmp_path / "run", progress=False, echo=lambda s: None)
