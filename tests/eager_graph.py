@@ -11,13 +11,16 @@ from types import SimpleNamespace
 
 import torch
 
-from mamlab.core.graphs import GraphedMetaGradient
+from mamlab.core.graphs import GraphedMetaGradient, check_capturable
 
 __all__ = ["EagerGraph"]
 
 
 class EagerGraph(GraphedMetaGradient):
     """The wrapper with the capture replaced: a replay runs the step again into the recorded tensors."""
+
+    def _check(self, algorithm, device) -> None:
+        check_capturable(algorithm, torch.device("cuda"))  # the CPU stands in for a CUDA device
 
     def _random_state(self, state=None):
         if state is None:
@@ -30,13 +33,8 @@ class EagerGraph(GraphedMetaGradient):
             self._step()
 
     def _record(self):
-        buffers = list(self.algorithm.buffers())
-        saved, rng = [b.clone() for b in buffers], torch.get_rng_state()
-        loss, grads = self._step()  # a capture records without running: its effects are undone
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
-        torch.set_rng_state(rng)
+        with self._leaving_no_trace():  # a capture records without running
+            loss, grads = self._step()
 
         def replay() -> None:
             new_loss, new_grads = self._step()

@@ -26,7 +26,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from eager_graph import EagerGraph
 from mamlab import MamlabError, TaskBatch, build_algorithm
 from mamlab.algorithms.registry import ALGORITHMS
-from mamlab.core import graphs
 from mamlab.core.graphs import GraphedMetaGradient, check_capturable
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
@@ -147,12 +146,6 @@ def test_meta_steps_with_other_options_leave_the_host_alone(name, options):
 
 
 # ---------------------------------------------------------------------------------------- the wrapper
-@pytest.fixture
-def on_cpu(monkeypatch):
-    """Let the wrapper be built on the CPU (the capture is ``EagerGraph``'s)."""
-    monkeypatch.setattr(graphs, "check_capturable", lambda algorithm, device: None)
-
-
 def _eager(algorithm, batch: TaskBatch) -> tuple[float, list[torch.Tensor]]:
     algorithm.zero_grad(set_to_none=True)
     loss = algorithm.meta_loss(batch)
@@ -165,7 +158,7 @@ def _close(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("name", ["maml", "mamlpp", "metasgd", "imaml"])
-def test_replays_give_the_eager_meta_gradient(float64, on_cpu, name):
+def test_replays_give_the_eager_meta_gradient(float64, name):
     algorithm = _algorithm(name, "mlp", "auto")
     reference = copy.deepcopy(algorithm)
     graphed = EagerGraph(algorithm, warmup=2)
@@ -178,7 +171,7 @@ def test_replays_give_the_eager_meta_gradient(float64, on_cpu, name):
     assert graphed.captures == 1
 
 
-def test_a_changed_rule_is_captured_anew(float64, on_cpu):
+def test_a_changed_rule_is_captured_anew(float64):
     algorithm = _algorithm("mamlpp", "mlp", "auto")
     algorithm.iterations_per_epoch = 2
     reference = copy.deepcopy(algorithm)
@@ -202,7 +195,7 @@ def test_a_changed_rule_is_captured_anew(float64, on_cpu):
     assert graphed.captures == 3
 
 
-def test_the_warm_up_leaves_no_trace(float64, on_cpu):
+def test_the_warm_up_leaves_no_trace(float64):
     """Running statistics move once per call, as eagerly (the warm-up's updates are undone)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
@@ -217,7 +210,7 @@ def test_the_warm_up_leaves_no_trace(float64, on_cpu):
     assert torch.equal(net[1].num_batches_tracked, reference.model[1].num_batches_tracked)
 
 
-def test_a_batch_of_another_shape_is_refused(float64, on_cpu):
+def test_a_batch_of_another_shape_is_refused(float64):
     graphed = EagerGraph(_algorithm("maml", "mlp", "auto"))
     graphed(_sinusoid(tasks=4))
     with pytest.raises(MamlabError, match=r"batch\.support_x is \(3, 5, 1\).*captured one \(4, 5, 1\)"):

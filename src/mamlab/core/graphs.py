@@ -8,7 +8,7 @@ all overhead (issue 11). A CUDA graph (``torch.cuda.CUDAGraph``) records the ker
 captured input tensors and replays all of them with one launch, on the same memory. The
 replay is the same kernels in the same order on the same addresses, so the same numbers::
 
-    graphed = GraphedMetaGradient(algorithm, example_batch)
+    graphed = GraphedMetaGradient(algorithm)     # captured on its first call
     for batch in batches:
         optimizer.zero_grad()
         loss = graphed(batch)        # what `loss = algorithm.meta_loss(batch); loss.backward()` does
@@ -40,7 +40,7 @@ graph forbids) and the CPU (CUDA graphs exist only on CUDA devices).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import fields
 
 import torch
@@ -80,7 +80,7 @@ class GraphedMetaGradient:
                  context: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         check_positive("warmup", warmup, integer=True)
         params = algorithm.meta_parameters()  # type: ignore[operator]
-        check_capturable(algorithm, params[0].device)
+        self._check(algorithm, params[0].device)
         self.algorithm = algorithm
         self.params = params
         self.warmup = int(warmup)
@@ -93,6 +93,10 @@ class GraphedMetaGradient:
         self.captures = 0
         self.stream: torch.cuda.Stream | None = None  # created on the first capture
 
+    def _check(self, algorithm: nn.Module, device: torch.device) -> None:
+        """One-line error unless ``algorithm`` can be captured on ``device`` (``check_capturable``)."""
+        check_capturable(algorithm, device)
+
     def _step(self) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         """The eager step the graph records: the meta-loss and the meta-gradient of ``self.static``."""
         with torch.enable_grad(), self.context():
@@ -101,18 +105,25 @@ class GraphedMetaGradient:
         return loss.detach(), grads
 
     def _capture(self) -> None:
-        """Warm up, restore what the warm-up changed (buffers, the random state), record one step."""
+        """Warm up, leaving no trace of it, then record one step."""
         self.graph = None  # the previous capture's memory goes back to the allocator
+        with self._leaving_no_trace():
+            self._warm_up()
+        self.graph, (self.loss, self.grads) = self._record()
+        self.captures += 1
+
+    @contextlib.contextmanager
+    def _leaving_no_trace(self) -> Iterator[None]:
+        """Steps run inside leave the algorithm's buffers (BatchNorm's running statistics) and the
+        device's random state as they found them."""
         buffers = list(self.algorithm.buffers())  # type: ignore[operator]
         saved = [b.clone() for b in buffers]
         rng = self._random_state()
-        self._warm_up()
+        yield
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
                 b.copy_(s)
         self._random_state(rng)
-        self.graph, (self.loss, self.grads) = self._record()
-        self.captures += 1
 
     def _random_state(self, state: torch.Tensor | None = None) -> torch.Tensor | None:
         """The device's random state; with ``state``, set it."""
