@@ -7,8 +7,8 @@ next step still runs, and everything lands in ``--out`` (``device_check.json`` a
    on the batched path and a small conv + BatchNorm net on the vmap and loop paths): max relative
    difference, the target is 1e-10;
 2. CUDA graphs (``mamlab.core.graphs``): float64 meta-gradients of replays against eager calls for
-   every algorithm (MAML++ recaptured at each new epoch), and milliseconds per sinusoid
-   meta-iteration with and without;
+   every algorithm (MAML++ recaptured at each new epoch); ``benchmarks/speed.py --device cuda``
+   times them (``mamlab:graph``);
 3. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``);
 4. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated; the
    GPU run again with ``--cuda-graph``, compared with the eager one;
@@ -93,9 +93,9 @@ def gradients(device: torch.device) -> dict:
     return out
 
 
-def cuda_graphs(device: torch.device, quick: bool) -> dict:
+def cuda_graphs(device: torch.device) -> dict:
     """``GraphedMetaGradient`` on ``device``: float64 meta-gradients of replays against eager calls,
-    recaptures when the rule changes, and float32 milliseconds per meta-iteration with and without."""
+    and the recaptures when the rule changes."""
     from mamlab.core.graphs import GraphedMetaGradient
 
     out: dict = {"float64_max_relative": {}, "captures": {}}
@@ -139,35 +139,6 @@ def cuda_graphs(device: torch.device, quick: bool) -> dict:
             continue
         out["float64_max_relative"][f"{name}/{algo}/{path}"] = worst
         out["captures"][f"{name}/{algo}"] = captures
-
-
-    def per_iteration(use_graph: bool, batch: TaskBatch, make, loss, iters: int) -> float:
-        torch.manual_seed(0)
-        algorithm = build_algorithm("maml", make().to(device), loss, {"inner_lr": 0.01})
-        opt = torch.optim.Adam(algorithm.parameters(), 1e-3)
-        graphed = GraphedMetaGradient(algorithm) if use_graph else None
-        times = []
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda d: None
-        for i in range(iters + 5):
-            sync(device)
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            if graphed is None:
-                algorithm.meta_loss(batch).backward()
-            else:
-                graphed(batch)
-            opt.step()
-            sync(device)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-        return 1000 * sorted(times)[len(times) // 2]
-
-    sin32 = Sinusoid().sample(25, 10, 10, gen).to(device=device)
-    iters = 50 if quick else 300
-    eager_ms = per_iteration(False, sin32, lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, iters)
-    graph_ms = per_iteration(True, sin32, lambda: MLP(1, 1, hidden=(40, 40)), F.mse_loss, iters)
-    out["sinusoid_25_tasks_ms_per_iteration"] = {"eager": eager_ms, "graph": graph_ms,
-                                                 "speedup": eager_ms / graph_ms}
     return out
 
 
@@ -232,7 +203,7 @@ def main() -> int:
 
     step("gradients_float64", lambda: gradients(device))
     if device.type == "cuda":
-        step("cuda_graphs", lambda: cuda_graphs(device, args.quick))
+        step("cuda_graphs", lambda: cuda_graphs(device))
 
     def precision() -> dict:
         rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
