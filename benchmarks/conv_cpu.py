@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from mamlab import MAML, TaskBatch
 from mamlab.core.memory import peak_saved_bytes
-from speed import loop_step, make  # benchmarks/ is the script's directory
+from speed import loop_step, make, rss_bytes  # benchmarks/ is the script's directory
 
 VARIANTS = ("loop", "mamlab:loop", "nchw+pool-first", "channels-last", "channels-last+pool-first",
             "mamlab:conv", "grouped:all", "grouped:4", "grouped:2", "mamlab:vmap", "mamlab:conv:32", "mamlab:conv:8")
@@ -160,8 +160,7 @@ def rss_growth(name: str, tasks: int, threads: int, queue: mp.Queue) -> None:
     torch.set_num_threads(threads)
     model, batch, lr, loss_fn = make("conv4")
     step = variant(name, model, batch.slice(slice(0, tasks)), lr, loss_fn)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    before = rss_bytes() / 2**20
     step()
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
 

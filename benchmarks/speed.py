@@ -63,12 +63,13 @@ from torch.func import functional_call
 
 from mamlab import ANIL, MAML, TaskBatch
 from mamlab.core.graphs import GraphedMetaGradient
+from mamlab.core.memory import is_out_of_memory
 from mamlab.errors import MamlabError
 from mamlab.models import MLP, Conv4
 from mamlab.tasks import Sinusoid
 
 __all__ = ["CASES", "TINY_CASES", "IMPLEMENTATIONS", "NOT_MAML", "Case", "Setup", "Job", "Unavailable",
-           "make", "make_tiny", "loop_step", "default_peers", "load_learn2learn_maml", "meta_gradient",
+           "make", "make_tiny", "loop_step", "rss_bytes", "default_peers", "load_learn2learn_maml", "meta_gradient",
            "relative_difference", "check", "measure", "run", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -421,17 +422,10 @@ class Job:
     peers: str | None = None
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                            or "not enough memory" in text)
 
 
 def measure(job: Job) -> dict[str, object]:
@@ -468,7 +462,7 @@ def measure(job: Job) -> dict[str, object]:
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
         else:
-            rss_before = _rss_bytes()
+            rss_before = rss_bytes()
         warmup = case.warmup[device.type] if job.warmup is None else job.warmup
         iters = case.iters[device.type] if job.iters is None else job.iters
         for _ in range(warmup):
@@ -494,7 +488,7 @@ def measure(job: Job) -> dict[str, object]:
     except ImportError as e:
         return {"skipped": f"not importable ({e.name})"}
     except Exception as e:  # report, don't crash the whole benchmark
-        if _is_oom(e):
+        if is_out_of_memory(e):
             return {"skipped": "out of memory", "oom": True}
         return {"skipped": f"{type(e).__name__}: {e}".splitlines()[0][:160]}
 
