@@ -14,7 +14,8 @@
 # commands.log (benchmarks/device_check.py: float64 CUDA-vs-CPU meta-gradients, CUDA graphs against
 # eager calls, precision, resume across devices, Omniglot 20-way speed, analyze), speed-CASE.json
 # for the sinusoid, conv4 and omniglot20 cases (benchmarks/speed.py --device cuda: mamlab's paths,
-# CUDA graphs, the per-task loop, learn2learn, higher and TorchOpt), scale.json (tasks per second as the meta-batch grows to 1,024), and the
+# CUDA graphs, the per-task loop, learn2learn, higher and TorchOpt; mamlab's paths also profiled:
+# kernels per iteration, the GPU's busy time against the timed iteration, the top kernels), scale.json (tasks per second as the meta-batch grows to 1,024), and the
 # long-inner-loop and iMAML memory tables in log.txt.
 set -u
 out=${1:?usage: gpu_check.sh OUT [PEERS_DIR] [OMNIGLOT_DIR]}
@@ -47,17 +48,19 @@ data_args=()
 if [ -f "$data/all_runs.zip" ]; then data_args=(--data "$data"); else
   echo "no Omniglot data under $data: device_check.py skips the Omniglot speed" | tee -a "$log"; fi
 
-step device-check 210 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
+step device-check 200 python3 benchmarks/device_check.py --out /tmp/device_check --device "$device" \
   "${data_args[@]}"
 cp /tmp/device_check/device_check.json /tmp/device_check/commands.log "$out/" 2>/dev/null
 peers_impls=learn2learn,higher,torchopt
-step speed-sinusoid 70 python3 benchmarks/speed.py --device "$device" --case sinusoid \
-  --impls "loop,mamlab,mamlab:graph,mamlab:vmap,$peers_impls" --json "$out/speed-sinusoid.json"
+step speed-sinusoid 75 python3 benchmarks/speed.py --device "$device" --case sinusoid \
+  --impls "loop,mamlab,mamlab:graph,mamlab:vmap,$peers_impls" --profile loop,mamlab,mamlab:graph \
+  --json "$out/speed-sinusoid.json"
 conv_impls="loop,mamlab,mamlab:graph,mamlab:conv,mamlab:graph:conv,mamlab:conv-nchw,$peers_impls"
-step speed-conv4 90 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$conv_impls" \
-  --json "$out/speed-conv4.json"
-step speed-omniglot20 80 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$conv_impls" \
-  --json "$out/speed-omniglot20.json"
+conv_profiled="mamlab,mamlab:conv,mamlab:graph:conv"  # kernels per iteration, device busy time, top kernels
+step speed-conv4 95 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$conv_impls" \
+  --profile "$conv_profiled" --json "$out/speed-conv4.json"
+step speed-omniglot20 85 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$conv_impls" \
+  --profile "$conv_profiled" --json "$out/speed-omniglot20.json"
 step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
   --impls mamlab,mamlab:conv --json "$out/scale.json"
 step long-inner-loops 25 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3

@@ -52,7 +52,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -420,6 +420,7 @@ class Job:
     warmup: int | None = None
     threads: int | None = None
     peers: str | None = None
+    profile: int = 0
 
 
 def rss_bytes() -> int:
@@ -428,12 +429,80 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+#: Operations that only make tensor metadata (views, empty tensors): left out of the CPU op count.
+_NO_WORK = frozenset(f"aten::{n}" for n in (
+    "view", "as_strided", "resolve_conj", "resolve_neg", "empty", "empty_strided", "empty_like", "detach",
+    "alias", "_reshape_alias", "expand", "t", "transpose", "unsqueeze", "squeeze", "permute", "select", "slice",
+    "lift_fresh", "_unsafe_view", "unflatten", "split", "unbind", "chunk", "narrow", "to", "contiguous",
+    "broadcast_tensors"))
+
+#: Meta-iterations run under the profiler for each implementation ``--profile`` names.
+PROFILE_ITERS = 3
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Microseconds covered by the union of ``(start, end)`` intervals (kernels on two streams may overlap)."""
+    busy, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy
+
+
+def profile(iteration: Step, iters: int, device: torch.device, top: int = 5) -> dict[str, object]:
+    """Run ``iteration`` ``iters`` times under ``torch.profiler``: what one meta-iteration launches.
+
+    On CUDA: device operations (kernels, copies, fills) per iteration, the device's busy time per
+    iteration (the union of their intervals) and the ``top`` kernels by device time. Busy time far
+    below the timed iteration means the step is launch-bound (what a CUDA graph removes). On the
+    CPU: aten operations per iteration that do work (leaf operations, views and empty tensors left
+    out) and the ``top`` by self CPU time.
+
+    Returns:
+        ``{"kind", "ops_per_it", "busy_s", "top": [[name, seconds per it, calls per it], ...]}``
+        (``busy_s`` None on the CPU).
+    """
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            iteration()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if cuda:
+        work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        seconds = {id(e): e.time_range.elapsed_us() / 1e6 for e in work}
+        busy: float | None = _busy_us([(e.time_range.start, e.time_range.end) for e in work]) / 1e6 / iters
+        kind = "device operations (kernels, copies, fills)"
+    else:
+        work = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.cpu_children
+                and e.name.startswith("aten::") and e.name not in _NO_WORK]
+        seconds = {id(e): e.self_cpu_time_total / 1e6 for e in work}
+        busy, kind = None, "aten operations that do work (leaf operations, views and empty tensors left out)"
+    totals: dict[str, list[float]] = {}
+    for e in work:
+        t = totals.setdefault(e.name, [0.0, 0.0])
+        t[0] += seconds[id(e)] / iters
+        t[1] += 1 / iters
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"kind": kind, "ops_per_it": len(work) / iters, "busy_s": busy, "iters": iters,
+            "top": [[name, t, n] for name, (t, n) in ranked]}
+
+
 def measure(job: Job) -> dict[str, object]:
     """Time ``job`` in this process: median meta-iterations per second and peak memory.
 
+    With ``job.profile`` > 0, that many more iterations then run under ``profile`` (after the
+    timing and the peak memory are read, so the profiler changes neither).
+
     Returns:
-        ``{"it_s", "median_s", "times_s", "peak_bytes", "memory"}``, or ``{"skipped": why}`` (with
-        ``"oom": True`` when it ran out of memory).
+        ``{"it_s", "median_s", "times_s", "peak_bytes", "memory"}`` (and ``"profile"``), or
+        ``{"skipped": why}`` (with ``"oom": True`` when it ran out of memory).
     """
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -481,8 +550,14 @@ def measure(job: Job) -> dict[str, object]:
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
             memory = "growth of the maximum RSS over the RSS before the first meta-iteration"
-        return {"it_s": 1 / median, "median_s": median, "times_s": times, "peak_bytes": peak,
-                "memory": memory, "tasks": batch.num_tasks, "steps": steps, "warmup": warmup}
+        result = {"it_s": 1 / median, "median_s": median, "times_s": times, "peak_bytes": peak,
+                  "memory": memory, "tasks": batch.num_tasks, "steps": steps, "warmup": warmup}
+        if job.profile:
+            try:
+                result["profile"] = profile(iteration, job.profile, device)
+            except Exception as e:  # the timing stands without it
+                result["profile"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:160]}
+        return result
     except (Unavailable, MamlabError) as e:
         return {"skipped": str(e)}
     except ImportError as e:
@@ -532,11 +607,14 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
-def compare(case: str, impls: list[str], base: Job, repeat: int) -> dict[str, object]:
-    """Run every implementation of ``case`` (best median of ``repeat`` runs) and print the table."""
+def compare(case: str, impls: list[str], base: Job, repeat: int,
+            profiled: Sequence[str] = ()) -> dict[str, object]:
+    """Run every implementation of ``case`` (best median of ``repeat`` runs) and print the table;
+    the implementations in ``profiled`` are also profiled (``profile``) and get a second table."""
     rows: dict[str, dict[str, object]] = {}
     for impl in impls:
-        job = Job(**{**asdict(base), "case": case, "impl": impl})
+        job = Job(**{**asdict(base), "case": case, "impl": impl,
+                     "profile": PROFILE_ITERS if impl in profiled else 0})
         results = [run(job) for _ in range(repeat)]
         ok = [r for r in results if "it_s" in r]
         rows[impl] = max(ok, key=lambda r: r["it_s"]) if ok else results[0]
@@ -556,7 +634,28 @@ def compare(case: str, impls: list[str], base: Job, repeat: int) -> dict[str, ob
               f"{_ratio(r['it_s'], l2l and l2l['it_s']):>8}   {_memory(r['peak_bytes']):>11}"
               f"{_ratio(r['peak_bytes'], loop and loop['peak_bytes']):>8}"
               f"{_ratio(r['peak_bytes'], l2l and l2l['peak_bytes']):>8}")
+    _print_profiles(rows)
     return rows
+
+
+def _print_profiles(rows: dict[str, dict[str, object]]) -> None:
+    """The profiled rows' operations per iteration, busy time and top operations."""
+    profiled = {impl: r["profile"] for impl, r in rows.items() if "profile" in r}
+    if not profiled:
+        return
+    kind = next((p["kind"] for p in profiled.values() if "kind" in p), "")
+    print(f"  profile, {PROFILE_ITERS} meta-iterations under torch.profiler; per iteration: {kind}")
+    for impl, p in profiled.items():
+        if "error" in p:
+            print(f"  {impl:<19}profile failed: {p['error']}")
+            continue
+        busy = ""
+        if p["busy_s"] is not None:
+            share = p["busy_s"] / rows[impl]["median_s"]
+            busy = f", device busy {p['busy_s'] * 1e3:.3f} ms = {share:.0%} of the timed iteration"
+        print(f"  {impl:<19}{p['ops_per_it']:.0f} operations{busy}")
+        for name, t, n in p["top"]:
+            print(f"  {'':<21}{t * 1e3:9.3f} ms {n:7.0f}x  {name[:90]}")
 
 
 def scale(sizes: list[int], impls: list[str], base: Job) -> dict[str, dict[int, dict[str, object]]]:
@@ -613,6 +712,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="Conv4 5-way 1-shot tasks/s and peak memory at these meta-batch sizes")
     parser.add_argument("--check", action="store_true",
                         help="compare every implementation's float64 meta-gradient with the loop's (tiny cases)")
+    parser.add_argument("--profile", nargs="?", const="all", default=None, metavar="IMPLS",
+                        help=f"also run {PROFILE_ITERS} meta-iterations of these implementations (default: all "
+                             "compared) under torch.profiler: operations per iteration, the device's busy "
+                             "time (CUDA) and the top operations")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write all results to FILE")
     args = parser.parse_args(argv)
 
@@ -628,6 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [i for i in impls or [] if i not in IMPLEMENTATIONS]
     if unknown:
         return _fail(f"unknown implementation {unknown[0]!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    profiled = [] if args.profile in (None, "all") else [i.strip() for i in args.profile.split(",") if i.strip()]
+    unknown = [i for i in profiled if i not in IMPLEMENTATIONS]
+    if unknown:
+        return _fail(f"--profile: unknown implementation {unknown[0]!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    if args.profile is not None and (args.check or args.scale is not None):
+        return _fail("--profile goes with a comparison of implementations, not with --check or --scale")
     if args.scale is not None:
         sizes = _sizes(args.scale)
         if sizes is None:
@@ -676,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"meta-iterations after {warmup} warm-up")
             chosen = default_impls(case, args.device) if impls is None else impls
             chosen = ["loop", "learn2learn", *[i for i in chosen if i not in ("loop", "learn2learn")]]
-            rows = compare(case, chosen, base, args.repeat)
+            rows = compare(case, chosen, base, args.repeat,
+                           chosen if args.profile == "all" else [i for i in profiled if i in chosen])
             report["cases"][case] = {"desc": c.desc, "tasks": tasks, "steps": steps, "iters": iters,
                                      "warmup": warmup, "results": rows}
     if args.json:

@@ -9,6 +9,7 @@ MLP and a tiny Conv4 with affine BatchNorm. learn2learn is loaded from the peers
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +84,43 @@ def test_measure_times_the_median_meta_iteration() -> None:
     assert r["it_s"] == pytest.approx(1 / r["median_s"]) and r["tasks"] == 3 and r["steps"] == 1
 
 
+def test_profile_counts_what_one_meta_iteration_runs() -> None:
+    """The per-task loop runs each task's operations one by one; the batched path runs every task in one.
+
+    Both run the same 25 sinusoid tasks, so the loop must show many times the operations, and
+    profiling comes after the timing (which it leaves as measured).
+    """
+    rows = {impl: speed.measure(speed.Job("sinusoid", impl, iters=2, warmup=1, threads=1, profile=2))
+            for impl in ("loop", "mamlab:batched")}
+    loop, batched = rows["loop"]["profile"], rows["mamlab:batched"]["profile"]
+    assert loop["iters"] == batched["iters"] == 2 and loop["busy_s"] is None
+    assert batched["ops_per_it"] > 20 and loop["ops_per_it"] > 8 * batched["ops_per_it"]
+    assert all(n >= 1 and t >= 0 for _, t, n in loop["top"]) and len(loop["top"]) == 5
+    assert [t for _, t, _ in loop["top"]] == sorted((t for _, t, _ in loop["top"]), reverse=True)
+    assert not any(name in speed._NO_WORK for name, _, _ in loop["top"] + batched["top"])
+    assert len(rows["loop"]["times_s"]) == 2
+    assert "profile" not in speed.measure(speed.Job("sinusoid", "mamlab", tasks=2, iters=1, warmup=0))
+
+
+def test_the_comparison_profiles_the_named_implementations(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(speed.__file__).parent))  # each implementation runs in a spawned process
+    argv = ["--case", "sinusoid", "--impls", "loop,mamlab", "--tasks", "2", "--iters", "1", "--warmup", "0",
+            "--threads", "1", "--peers", str(tmp_path), "--profile", "mamlab", "--json", str(tmp_path / "r.json")]
+    assert speed.main(argv) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["cases"]["sinusoid"]["results"]
+    assert "profile" in rows["mamlab"] and "profile" not in rows["loop"]
+    assert rows["mamlab"]["profile"]["iters"] == speed.PROFILE_ITERS
+    out = capsys.readouterr().out
+    assert f"profile, {speed.PROFILE_ITERS} meta-iterations under torch.profiler" in out
+    assert f"mamlab             {rows['mamlab']['profile']['ops_per_it']:.0f} operations" in out
+
+
+def test_busy_time_is_the_union_of_intervals() -> None:
+    assert speed._busy_us([]) == 0
+    assert speed._busy_us([(5, 7), (0, 2), (1, 3), (6, 6.5)]) == 3 + 2  # [0, 3] and [5, 7]
+
+
 def test_measure_reports_a_missing_peer() -> None:
     r = speed.measure(speed.Job("sinusoid", "learn2learn", tasks=2, iters=1, warmup=0, peers="/nonexistent"))
     assert r == {"skipped": "no load_learn2learn_maml.py in /nonexistent (give --peers DIR or set MAMLAB_PEERS)"}
@@ -109,6 +147,8 @@ def test_cuda_unavailable_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     (["--tasks", "0"], "--tasks must be a positive integer, got 0"),
     (["--scale", "32,x"], "--scale wants comma-separated positive integers (meta-batch sizes), got '32,x'"),
     (["--scale", "32", "--impls", "loop"], "--scale times mamlab implementations only, got 'loop'"),
+    (["--profile", "mamlab,nope"], "--profile: unknown implementation 'nope'"),
+    (["--check", "--profile"], "--profile goes with a comparison of implementations, not with --check or --scale"),
 ])
 def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert speed.main(argv) == 2
@@ -122,7 +162,7 @@ def test_the_prepared_gpu_call_names_implementations_that_exist() -> None:
 
     script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
     names = set()
-    for value in re.findall(r'--impls "?([^"\s]+)"?', script) + re.findall(r'^\w+_impls="?([^"\n]+)"?$', script,
+    for value in re.findall(r'--(?:impls|profile) "?([^"\s]+)"?', script) + re.findall(r'^\w+_(?:impls|profiled)="?([^"\n]+)"?', script,
                                                                                 flags=re.M):
         names |= {n for n in value.split(",") if n and not n.startswith("$")}
     assert {"mamlab:graph", "mamlab:graph:conv", "mamlab:conv-nchw", "learn2learn"} <= names
