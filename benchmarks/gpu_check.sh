@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check and timing that needs a GPU, in one call of about 9 minutes (never run in CI).
+# Every check and timing that needs a GPU, in one call of at most 9 min 50 s (never run in CI).
 #
 # On the GPU machine (no internet; Python 3.12 with torch, numpy, matplotlib, safetensors, tqdm and
 # tensorboard preinstalled), from the repository root, with copies of ../shared/peers and
@@ -55,14 +55,16 @@ peers_impls=learn2learn,higher,torchopt
 step speed-sinusoid 75 python3 benchmarks/speed.py --device "$device" --case sinusoid \
   --impls "loop,mamlab,mamlab:graph,mamlab:vmap,$peers_impls" --profile loop,mamlab,mamlab:graph \
   --json "$out/speed-sinusoid.json"
-conv_impls="loop,mamlab,mamlab:graph,mamlab:conv,mamlab:graph:conv,mamlab:conv-nchw,$peers_impls"
+conv_impls="loop,mamlab,mamlab:graph,mamlab:conv,mamlab:graph:conv,mamlab:conv-nchw"
 conv_profiled="mamlab,mamlab:conv,mamlab:graph:conv"  # kernels per iteration, device busy time, top kernels
-step speed-conv4 95 python3 benchmarks/speed.py --device "$device" --case conv4 --impls "$conv_impls" \
+step speed-conv4 105 python3 benchmarks/speed.py --device "$device" --case conv4 \
+  --impls "$conv_impls,mamlab:conv:cudnn-benchmark,mamlab:graph:conv:cudnn-benchmark,$peers_impls" \
   --profile "$conv_profiled" --json "$out/speed-conv4.json"
-step speed-omniglot20 85 python3 benchmarks/speed.py --device "$device" --case omniglot20 --impls "$conv_impls" \
-  --profile "$conv_profiled" --json "$out/speed-omniglot20.json"
-step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
-  --impls mamlab,mamlab:conv --json "$out/scale.json"
+step speed-omniglot20 92 python3 benchmarks/speed.py --device "$device" --case omniglot20 \
+  --impls "$conv_impls,mamlab:graph:conv:cudnn-benchmark,$peers_impls" --profile "$conv_profiled" \
+  --json "$out/speed-omniglot20.json"
 step long-inner-loops 25 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3
 step imaml-memory 15 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
+step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
+  --impls mamlab,mamlab:conv --json "$out/scale.json"  # last: it prints each size as it comes
 echo "=== done" | tee -a "$log"

@@ -15,7 +15,10 @@ meta-gradient into ``.grad``; add one entry to add one):
 
 * ``loop``: the per-task loop users write (``loop_step``), ``create_graph=True``, backward per task;
 * ``mamlab``: ``mamlab.MAML`` on the auto path, ``mamlab:PATH`` on the execution path PATH
-  (batched, vmap, loop, conv); ``anil``: ANIL on the same model (a different meta-gradient);
+  (batched, vmap, loop, conv); ``mamlab:graph`` and ``mamlab:graph:conv`` replay its meta-gradient
+  from a CUDA graph; ``mamlab:conv-nchw`` keeps NCHW maps on the conv path; a ``:cudnn-benchmark``
+  suffix lets cuDNN time its convolution algorithms; ``anil``: ANIL on the same model (a different
+  meta-gradient);
 * ``learn2learn``: learn2learn 0.2.0's ``MAML`` (``clone``/``adapt``), loaded from the peers folder
   with its ``load_learn2learn_maml.py`` (the package's compiled parts do not build on new Pythons);
 * ``higher``: higher 0.2.1, ``innerloop_ctx`` with ``copy_initial_weights=False``;
@@ -273,6 +276,26 @@ def _mamlab_graph(execution: str) -> Callable[[Setup], Step]:
     return build
 
 
+def _cudnn_benchmark(builder: Callable[[Setup], Step]) -> Callable[[Setup], Step]:
+    """``builder``'s implementation with ``torch.backends.cudnn.benchmark`` on: cuDNN times its
+    convolution algorithms for each new shape and keeps the fastest (no effect off CUDA). The flag is
+    set for the step only, so other callers in this process keep theirs."""
+    def build(s: Setup) -> Step:
+        plain = builder(s)
+
+        def step() -> None:
+            old = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                plain()
+            finally:
+                torch.backends.cudnn.benchmark = old
+
+        return step
+
+    return build
+
+
 def _anil(s: Setup) -> Step:
     anil = ANIL(s.model, s.loss_fn, s.lr, inner_steps=s.steps)
     return lambda: anil.meta_loss(s.batch).backward()
@@ -339,6 +362,8 @@ IMPLEMENTATIONS: dict[str, Callable[[Setup], Step]] = {
     "mamlab:conv-nchw": _mamlab_conv_nchw,
     "mamlab:graph": _mamlab_graph("auto"),
     "mamlab:graph:conv": _mamlab_graph("conv"),
+    "mamlab:conv:cudnn-benchmark": _cudnn_benchmark(_mamlab("conv")),
+    "mamlab:graph:conv:cudnn-benchmark": _cudnn_benchmark(_mamlab_graph("conv")),
     "anil": _anil,
     "learn2learn": _learn2learn,
     "higher": _higher,
