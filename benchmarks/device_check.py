@@ -9,14 +9,18 @@ next step still runs, and everything lands in ``--out`` (``device_check.json`` a
 2. CUDA graphs (``mamlab.core.graphs``): float64 meta-gradients of replays against eager calls for
    every algorithm (MAML++ recaptured at each new epoch); ``benchmarks/speed.py --device cuda``
    times them (``mamlab:graph``);
-3. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``);
+3. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
+   meta-batch 16 (Finn et al.'s setting), when Omniglot data is given (the closing line's average
+   and the median from ``metrics.jsonl``): second order (on CUDA also on the conv path, with
+   ``--cuda-graph``, and both), then first order, and ``mamlab eval --omniglot-runs``; the results
+   are saved after each run;
 4. ``mamlab train`` on the GPU, resumed on the CPU (and the other way round), then evaluated; the
    GPU run again with ``--cuda-graph``, compared with the eager one;
-5. seconds per meta-iteration of ``mamlab train omniglot`` 20-way 1-shot, 5 inner steps,
-   meta-batch 16 (Finn et al.'s setting), first and second order, when Omniglot data is given (the
-   closing line's average and the median from ``metrics.jsonl``); on CUDA second order also on the
-   conv path, with ``--cuda-graph``, and both;
-6. ``mamlab eval --omniglot-runs`` and ``mamlab analyze`` on the GPU.
+5. ``mamlab analyze`` on the GPU;
+6. the relative error of the meta-gradient under fp32, tf32 and bf16 (``benchmarks/precision.py``).
+
+The order puts the "Speed near the hardware" issue's checks first; ``device_check.json`` is
+rewritten after every step, so a run cut off by a time limit keeps what it finished.
 
 Usage (``--data``: a folder holding images_background_small1/2.zip and all_runs.zip)::
 
@@ -179,7 +183,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--data", type=Path, default=None, help="Omniglot folder (zips); steps 4-5 need it")
+    parser.add_argument("--data", type=Path, default=None, help="Omniglot folder (zips); step 3 needs it")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a dry run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -190,6 +194,9 @@ def main() -> int:
                      "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     n = 40 if args.quick else 200
 
+    def save() -> None:
+        (args.out / "device_check.json").write_text(json.dumps(results, indent=2, default=str))
+
     def step(name: str, fn) -> None:
         t0 = time.perf_counter()
         try:
@@ -199,18 +206,38 @@ def main() -> int:
         results.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
         print(f"== {name} ({results['seconds'][name]} s): {json.dumps(results[name], default=str)[:2000]}",
               flush=True)
-        (args.out / "device_check.json").write_text(json.dumps(results, indent=2, default=str))
+        save()
 
     step("gradients_float64", lambda: gradients(device))
     if device.type == "cuda":
         step("cuda_graphs", lambda: cuda_graphs(device))
 
-    def precision() -> dict:
-        rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
-                          "--seeds", "1" if args.quick else "3"], log)
-        return {"exit": rc, "table": text.strip().splitlines()[-8:]}
+    if args.data is not None and (args.data / "all_runs.zip").exists():
+        def omniglot() -> dict:
+            r = results["omniglot_speed"] = {}  # saved after each run, so a cut-off step keeps what it has
+            iters = 20 if args.quick else 100
+            variants = [("second", ["--no-first-order"])]
+            if device.type == "cuda":  # the paths of the "Speed near the hardware" issue, second order
+                variants += [("second-conv", ["--no-first-order", "--execution", "conv"]),
+                             ("second-graph", ["--no-first-order", "--cuda-graph"]),
+                             ("second-conv-graph", ["--no-first-order", "--execution", "conv", "--cuda-graph"])]
+            variants.append(("first", ["--first-order"]))
+            for order, flags in variants:
+                d = args.out / f"omni-{order}"
+                rc, text, secs = sh([*mam, "train", "omniglot", "--data", str(args.data), "--ways", "20",
+                                     "--device", str(device), "--iterations", str(iters), "--no-progress",
+                                     "--val-every", str(iters), "--checkpoint-every", str(iters),
+                                     "--out", str(d), *flags], log)
+                spi = rate(text)
+                r[order] = {"exit": rc, "s_per_iteration": spi, "median_s": median_seconds(d),
+                            "hours_for_60000": None if not spi else 60000 * spi / 3600, "wall_s": secs}
+                save()
+            rc, text, _ = sh([*mam, "eval", str(args.out / "omni-first"), "--device", str(device),
+                              "--omniglot-runs", str(args.data / "all_runs.zip")], log)
+            r["oneshot_eval"] = {"exit": rc, "last": text.strip().splitlines()[-1:]}
+            return r
 
-    step("precision", precision)
+        step("omniglot_speed", omniglot)
 
     def across_devices() -> dict:
         small = ["--iterations", str(n), "--checkpoint-every", str(n // 2), "--val-every", str(n // 2),
@@ -249,37 +276,19 @@ def main() -> int:
 
     step("resume_across_devices", across_devices)
 
-    if args.data is not None and (args.data / "all_runs.zip").exists():
-        def omniglot() -> dict:
-            r = {}
-            iters = 20 if args.quick else 100
-            variants = [("first", ["--first-order"]), ("second", ["--no-first-order"])]
-            if device.type == "cuda":  # the paths of the "Speed near the hardware" issue, second order
-                variants += [("second-conv", ["--no-first-order", "--execution", "conv"]),
-                             ("second-graph", ["--no-first-order", "--cuda-graph"]),
-                             ("second-conv-graph", ["--no-first-order", "--execution", "conv", "--cuda-graph"])]
-            for order, flags in variants:
-                d = args.out / f"omni-{order}"
-                rc, text, secs = sh([*mam, "train", "omniglot", "--data", str(args.data), "--ways", "20",
-                                     "--device", str(device), "--iterations", str(iters), "--no-progress",
-                                     "--val-every", str(iters), "--checkpoint-every", str(iters),
-                                     "--out", str(d), *flags], log)
-                spi = rate(text)
-                r[order] = {"exit": rc, "s_per_iteration": spi, "median_s": median_seconds(d),
-                            "hours_for_60000": None if not spi else 60000 * spi / 3600, "wall_s": secs}
-            rc, text, _ = sh([*mam, "eval", str(args.out / "omni-first"), "--device", str(device),
-                              "--omniglot-runs", str(args.data / "all_runs.zip")], log)
-            r["oneshot_eval"] = {"exit": rc, "last": text.strip().splitlines()[-1:]}
-            return r
-
-        step("omniglot_speed", omniglot)
-
     def analyze() -> dict:
         rc, text, secs = sh([*mam, "analyze", str(args.out / "sin-gpu"), "--out", str(args.out / "report"),
                              "--device", str(device), "--tasks", "40", "--steps", "5", "--no-progress"], log)
         return {"exit": rc, "seconds": secs, "last": text.strip().splitlines()[-2:]}
 
     step("analyze_on_device", analyze)
+    def precision() -> dict:
+        rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
+                          "--seeds", "1" if args.quick else "3"], log)
+        return {"exit": rc, "table": text.strip().splitlines()[-8:]}
+
+    step("precision", precision)
+
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     print(f"done; failed steps: {failed or 'none'}")
     return 1 if failed else 0
