@@ -22,6 +22,7 @@ out=${1:?usage: gpu_check.sh OUT [PEERS_DIR] [OMNIGLOT_DIR]}
 peers=${2:-../shared/peers}
 data=${3:-../shared/data/omniglot}
 device=${DEVICE:-cuda}  # DEVICE=cpu DRY_LIMIT=20: a dry run of the plumbing, every step cut at 20 s
+BUDGET=${BUDGET:-585}  # seconds for the whole script: the device call's 600 s limit, less a margin
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" MAMLAB_PEERS="$peers"
 log="$out/log.txt"
@@ -65,6 +66,8 @@ step speed-omniglot20 92 python3 benchmarks/speed.py --device "$device" --case o
   --json "$out/speed-omniglot20.json"
 step long-inner-loops 25 python3 benchmarks/long_inner_loops.py --device "$device" --repeat 3
 step imaml-memory 15 python3 benchmarks/imaml_memory.py --device "$device" --iters 10
-step scale 60 python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
-  --impls mamlab,mamlab:conv --json "$out/scale.json"  # last: it prints each size as it comes
+# last, with what is left of the call's ${BUDGET}s (60 s at least): it prints each size as it comes
+left=$((BUDGET - SECONDS)); if [ "$left" -lt 60 ]; then left=60; fi
+step scale "$left" python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
+  --impls mamlab,mamlab:conv --json "$out/scale.json"
 echo "=== done" | tee -a "$log"
