@@ -501,6 +501,8 @@ def profile(iteration: Step, iters: int, device: torch.device, top: int = 5) -> 
     events = prof.events()
     if cuda:
         work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        if not work:
+            raise RuntimeError("the profiler recorded no device operation (is CUPTI available?)")
         seconds = {id(e): e.time_range.elapsed_us() / 1e6 for e in work}
         busy: float | None = _busy_us([(e.time_range.start, e.time_range.end) for e in work]) / 1e6 / iters
         kind = "device operations (kernels, copies, fills)"
@@ -760,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [i for i in profiled if i not in IMPLEMENTATIONS]
     if unknown:
         return _fail(f"--profile: unknown implementation {unknown[0]!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    compared = None if impls is None else ["loop", "learn2learn", *impls]
+    missing = [i for i in profiled if compared is not None and i not in compared]
+    if missing:
+        return _fail(f"--profile names {missing[0]!r}, which --impls does not compare")
     if args.profile is not None and (args.check or args.scale is not None):
         return _fail("--profile goes with a comparison of implementations, not with --check or --scale")
     if args.scale is not None:

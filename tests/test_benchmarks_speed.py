@@ -148,6 +148,7 @@ def test_cuda_unavailable_is_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     (["--scale", "32,x"], "--scale wants comma-separated positive integers (meta-batch sizes), got '32,x'"),
     (["--scale", "32", "--impls", "loop"], "--scale times mamlab implementations only, got 'loop'"),
     (["--profile", "mamlab,nope"], "--profile: unknown implementation 'nope'"),
+    (["--impls", "mamlab", "--profile", "anil"], "--profile names 'anil', which --impls does not compare"),
     (["--check", "--profile"], "--profile goes with a comparison of implementations, not with --check or --scale"),
 ])
 def test_bad_arguments_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
