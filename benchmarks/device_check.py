@@ -215,7 +215,7 @@ def main() -> int:
     if args.data is not None and (args.data / "all_runs.zip").exists():
         def omniglot() -> dict:
             r = results["omniglot_speed"] = {}  # saved after each run, so a cut-off step keeps what it has
-            iters = 20 if args.quick else 100
+            iters = 20 if args.quick else 60  # the median iteration of metrics.jsonl is the number
             variants = [("second", ["--no-first-order"])]
             if device.type == "cuda":  # the paths of the "Speed near the hardware" issue, second order
                 variants += [("second-conv", ["--no-first-order", "--execution", "conv"]),
@@ -282,13 +282,13 @@ def main() -> int:
         return {"exit": rc, "seconds": secs, "last": text.strip().splitlines()[-2:]}
 
     step("analyze_on_device", analyze)
+
     def precision() -> dict:
         rc, text, _ = sh([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--device", str(device),
                           "--seeds", "1" if args.quick else "3"], log)
         return {"exit": rc, "table": text.strip().splitlines()[-8:]}
 
     step("precision", precision)
-
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     print(f"done; failed steps: {failed or 'none'}")
     return 1 if failed else 0
