@@ -15,8 +15,10 @@
 # eager calls, precision, resume across devices, Omniglot 20-way speed, analyze), speed-CASE.json
 # for the sinusoid, conv4 and omniglot20 cases (benchmarks/speed.py --device cuda: mamlab's paths,
 # CUDA graphs, the per-task loop, learn2learn, higher and TorchOpt; mamlab's paths also profiled:
-# kernels per iteration, the GPU's busy time against the timed iteration, the top kernels), scale.json (tasks per second as the meta-batch grows to 1,024), and the
-# long-inner-loop and iMAML memory tables in log.txt.
+# kernels per iteration, the GPU's busy time against the timed iteration, the top kernels),
+# scale.json (tasks per second as the meta-batch grows to 1,024), the long-inner-loop and iMAML
+# memory tables in log.txt, and last report.md (benchmarks/gpu_report.py: the README's tables and
+# the targets, each met, missed or not measured; also the end of the call's output).
 set -u
 out=${1:?usage: gpu_check.sh OUT [PEERS_DIR] [OMNIGLOT_DIR]}
 peers=${2:-../shared/peers}
@@ -70,4 +72,6 @@ step imaml-memory 15 python3 benchmarks/imaml_memory.py --device "$device" --ite
 left=$((BUDGET - SECONDS)); if [ "$left" -lt 60 ]; then left=60; fi
 step scale "$left" python3 benchmarks/speed.py --device "$device" --scale 32,128,512,1024 --iters 4 --warmup 1 \
   --impls mamlab,mamlab:conv --json "$out/scale.json"
+# the tables and the targets, met or not, from the files above (the end of the call's output)
+python3 benchmarks/gpu_report.py "$out" 2>&1 | tee "$out/report.md"
 echo "=== done" | tee -a "$log"

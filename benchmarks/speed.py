@@ -634,11 +634,16 @@ def _ratio(a: float, b: float | None) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
-def compare(case: str, impls: list[str], base: Job, repeat: int,
-            profiled: Sequence[str] = ()) -> dict[str, object]:
+def compare(case: str, impls: list[str], base: Job, repeat: int, profiled: Sequence[str] = (),
+            rows: dict[str, dict[str, object]] | None = None,
+            done: Callable[[], None] = lambda: None) -> dict[str, dict[str, object]]:
     """Run every implementation of ``case`` (best median of ``repeat`` runs) and print the table;
-    the implementations in ``profiled`` are also profiled (``profile``) and get a second table."""
-    rows: dict[str, dict[str, object]] = {}
+    the implementations in ``profiled`` are also profiled (``profile``) and get a second table.
+
+    Each result goes into ``rows`` (returned; a new dict by default) as it comes, and ``done()`` is
+    called after each, so a run cut short keeps what it measured (``main`` writes its JSON then).
+    """
+    rows = {} if rows is None else rows
     for impl in impls:
         job = Job(**{**asdict(base), "case": case, "impl": impl,
                      "profile": PROFILE_ITERS if impl in profiled else 0})
@@ -648,6 +653,7 @@ def compare(case: str, impls: list[str], base: Job, repeat: int,
         r = rows[impl]  # as it comes, so a run cut short still leaves its numbers in the output
         print(f"  ({impl}: " + (f"{r['it_s']:.3f} it/s, peak {_memory(r['peak_bytes'])})" if "it_s" in r
                                  else f"skipped: {r['skipped']})"), flush=True)
+        done()
     refs = {name: rows.get(name) for name in ("loop", "learn2learn")}
     refs = {k: (v if v and "it_s" in v else None) for k, v in refs.items()}
     print(f"  {'implementation':<19}{'it/s':>10}{'x loop':>8}{'x l2l':>8}   {'peak memory':>11}"
@@ -685,9 +691,11 @@ def _print_profiles(rows: dict[str, dict[str, object]]) -> None:
             print(f"  {'':<21}{t * 1e3:9.3f} ms {n:7.0f}x  {name[:90]}")
 
 
-def scale(sizes: list[int], impls: list[str], base: Job) -> dict[str, dict[int, dict[str, object]]]:
-    """Conv4 5-way 1-shot at each meta-batch size: tasks per second and peak memory (one process each)."""
-    out: dict[str, dict[int, dict[str, object]]] = {}
+def scale(sizes: list[int], impls: list[str], base: Job, out: dict[str, dict[int, dict[str, object]]] | None = None,
+          done: Callable[[], None] = lambda: None) -> dict[str, dict[int, dict[str, object]]]:
+    """Conv4 5-way 1-shot at each meta-batch size: tasks per second and peak memory (one process each),
+    into ``out`` (returned) as they come, calling ``done()`` after each."""
+    out = {} if out is None else out
     for impl in impls:
         print(f"  {impl}")
         out[impl] = {}
@@ -701,6 +709,7 @@ def scale(sizes: list[int], impls: list[str], base: Job) -> dict[str, dict[int, 
             else:
                 print(f"    {size:>6} tasks: {'out of memory' if r.get('oom') else 'skipped: ' + r['skipped']}")
             out[impl][size] = r
+            done()
     return out
 
 
@@ -787,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, object] = {"torch": torch.__version__, "device": args.device, "device_name": name,
                                  "threads": threads, "peers": str(peers), "argv": sys.argv[1:] if argv is None
                                  else argv}
+    def save() -> None:  # after every result, so a run cut short leaves what it measured
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     base = Job(case="", impl="", device=args.device, tasks=args.tasks, steps=args.steps, iters=args.iters,
                warmup=args.warmup, threads=args.threads, peers=str(peers))
 
@@ -803,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.scale:
         chosen = impls or ["mamlab"]
         print(f"\nscale: Conv4+BN 28x28, 5-way 1-shot, 15 query, {args.steps or 1} step(s), 2nd order")
-        report["scale"] = scale(args.scale, chosen, base)
+        scale(args.scale, chosen, base, report.setdefault("scale", {}), save)
     else:
         report["cases"] = {}
         for case in list(CASES) if args.case == "all" else [args.case]:
@@ -816,12 +829,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"meta-iterations after {warmup} warm-up")
             chosen = default_impls(case, args.device) if impls is None else impls
             chosen = ["loop", "learn2learn", *[i for i in chosen if i not in ("loop", "learn2learn")]]
-            rows = compare(case, chosen, base, args.repeat,
-                           chosen if args.profile == "all" else [i for i in profiled if i in chosen])
-            report["cases"][case] = {"desc": c.desc, "tasks": tasks, "steps": steps, "iters": iters,
-                                     "warmup": warmup, "results": rows}
+            entry = {"desc": c.desc, "tasks": tasks, "steps": steps, "iters": iters, "warmup": warmup,
+                     "results": {}}
+            report["cases"][case] = entry
+            compare(case, chosen, base, args.repeat,
+                    chosen if args.profile == "all" else [i for i in profiled if i in chosen], entry["results"], save)
+    save()
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

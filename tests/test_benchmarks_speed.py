@@ -116,6 +116,21 @@ def test_the_comparison_profiles_the_named_implementations(tmp_path: Path, capsy
     assert f"mamlab             {rows['mamlab']['profile']['ops_per_it']:.0f} operations" in out
 
 
+def test_each_result_is_handed_on_as_it_comes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu_check.sh cuts a step at its time limit: what was measured before must already be saved."""
+    monkeypatch.syspath_prepend(str(Path(speed.__file__).parent))
+    seen: list[list[str]] = []
+    rows: dict[str, dict[str, object]] = {}
+    base = speed.Job("", "", tasks=2, iters=1, warmup=0, threads=1, peers=str(tmp_path))
+    got = speed.compare("sinusoid", ["loop", "mamlab"], base, 1, rows=rows, done=lambda: seen.append(list(rows)))
+    assert got is rows and seen == [["loop"], ["loop", "mamlab"]]
+    seen.clear()
+    out: dict[str, dict[int, dict[str, object]]] = {}
+    speed.scale([1, 2], ["mamlab"], speed.Job("", "", iters=1, warmup=0, threads=1), out,
+                lambda: seen.append(list(out["mamlab"])))
+    assert seen == [[1], [1, 2]] and out["mamlab"][2]["tasks"] == 2
+
+
 def test_busy_time_is_the_union_of_intervals() -> None:
     assert speed._busy_us([]) == 0
     assert speed._busy_us([(5, 7), (0, 2), (1, 3), (6, 6.5)]) == 3 + 2  # [0, 3] and [5, 7]
