@@ -47,6 +47,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -55,7 +56,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,24 +248,6 @@ def _mamlab(execution: str) -> Callable[[Setup], Step]:
     return build
 
 
-def _mamlab_conv_nchw(s: Setup) -> Step:
-    """The conv path with NCHW maps instead of channels-last (``mamlab.core.conv.LAYOUTS``)."""
-    from mamlab.core import conv
-
-    plain = _mamlab("conv")(s)
-    device = s.batch.support_x.device.type
-
-    def step() -> None:  # the layout is set for the step only: other callers in this process keep theirs
-        old = conv.LAYOUTS[device]
-        conv.LAYOUTS[device] = torch.contiguous_format
-        try:
-            plain()
-        finally:
-            conv.LAYOUTS[device] = old
-
-    return step
-
-
 def _mamlab_graph(execution: str) -> Callable[[Setup], Step]:
     """MAML on ``execution``, its meta-gradient replayed from a CUDA graph (``GraphedMetaGradient``)."""
     def build(s: Setup) -> Step:
@@ -276,24 +259,46 @@ def _mamlab_graph(execution: str) -> Callable[[Setup], Step]:
     return build
 
 
-def _cudnn_benchmark(builder: Callable[[Setup], Step]) -> Callable[[Setup], Step]:
-    """``builder``'s implementation with ``torch.backends.cudnn.benchmark`` on: cuDNN times its
-    convolution algorithms for each new shape and keeps the fastest (no effect off CUDA). The flag is
-    set for the step only, so other callers in this process keep theirs."""
+def _within(builder: Callable[[Setup], Step],
+            scope: Callable[[Setup], contextlib.AbstractContextManager]) -> Callable[[Setup], Step]:
+    """``builder``'s implementation with each step run inside ``scope(setup)``: a setting changed for
+    the step only, so other callers in this process keep theirs."""
     def build(s: Setup) -> Step:
         plain = builder(s)
 
         def step() -> None:
-            old = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            try:
+            with scope(s):
                 plain()
-            finally:
-                torch.backends.cudnn.benchmark = old
 
         return step
 
     return build
+
+
+@contextlib.contextmanager
+def _nchw(s: Setup) -> Iterator[None]:
+    """The conv path's maps in NCHW instead of channels-last (``mamlab.core.conv.LAYOUTS``)."""
+    from mamlab.core import conv
+
+    device = s.batch.support_x.device.type
+    old = conv.LAYOUTS[device]
+    conv.LAYOUTS[device] = torch.contiguous_format
+    try:
+        yield
+    finally:
+        conv.LAYOUTS[device] = old
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(s: Setup) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` on: cuDNN times its convolution algorithms for each new
+    shape and keeps the fastest (no effect off CUDA)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def _anil(s: Setup) -> Step:
@@ -359,11 +364,11 @@ IMPLEMENTATIONS: dict[str, Callable[[Setup], Step]] = {
     "mamlab:vmap": _mamlab("vmap"),
     "mamlab:loop": _mamlab("loop"),
     "mamlab:conv": _mamlab("conv"),
-    "mamlab:conv-nchw": _mamlab_conv_nchw,
+    "mamlab:conv-nchw": _within(_mamlab("conv"), _nchw),
     "mamlab:graph": _mamlab_graph("auto"),
     "mamlab:graph:conv": _mamlab_graph("conv"),
-    "mamlab:conv:cudnn-benchmark": _cudnn_benchmark(_mamlab("conv")),
-    "mamlab:graph:conv:cudnn-benchmark": _cudnn_benchmark(_mamlab_graph("conv")),
+    "mamlab:conv:cudnn-benchmark": _within(_mamlab("conv"), _cudnn_benchmark),
+    "mamlab:graph:conv:cudnn-benchmark": _within(_mamlab_graph("conv"), _cudnn_benchmark),
     "anil": _anil,
     "learn2learn": _learn2learn,
     "higher": _higher,
@@ -503,21 +508,21 @@ def profile(iteration: Step, iters: int, device: torch.device, top: int = 5) -> 
         work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         if not work:
             raise RuntimeError("the profiler recorded no device operation (is CUPTI available?)")
-        seconds = {id(e): e.time_range.elapsed_us() / 1e6 for e in work}
+        timed = [(e.name, e.time_range.elapsed_us() / 1e6) for e in work]
         busy: float | None = _busy_us([(e.time_range.start, e.time_range.end) for e in work]) / 1e6 / iters
         kind = "device operations (kernels, copies, fills)"
     else:
-        work = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and not e.cpu_children
-                and e.name.startswith("aten::") and e.name not in _NO_WORK]
-        seconds = {id(e): e.self_cpu_time_total / 1e6 for e in work}
+        timed = [(e.name, e.self_cpu_time_total / 1e6) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CPU and not e.cpu_children
+                 and e.name.startswith("aten::") and e.name not in _NO_WORK]
         busy, kind = None, "aten operations that do work (leaf operations, views and empty tensors left out)"
     totals: dict[str, list[float]] = {}
-    for e in work:
-        t = totals.setdefault(e.name, [0.0, 0.0])
-        t[0] += seconds[id(e)] / iters
+    for name, seconds in timed:
+        t = totals.setdefault(name, [0.0, 0.0])
+        t[0] += seconds / iters
         t[1] += 1 / iters
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"kind": kind, "ops_per_it": len(work) / iters, "busy_s": busy, "iters": iters,
+    return {"kind": kind, "ops_per_it": len(timed) / iters, "busy_s": busy, "iters": iters,
             "top": [[name, t, n] for name, (t, n) in ranked]}
 
 
