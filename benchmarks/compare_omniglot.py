@@ -157,10 +157,15 @@ def run_specs(algorithms: list[str], iterations: int, ablation: bool = False,
     return specs
 
 
+def _run_options(iterations: int) -> dict[str, int]:
+    """The run options every run shares: its length, validation once at the end, ten checkpoints."""
+    return {"iterations": iterations, "val_every": iterations, "checkpoint_every": max(1, iterations // 10)}
+
+
 def _config(spec: RunSpec, data: Path, iterations: int) -> Any:
     """The resolved TrainConfig of a run (as ``mamlab train`` resolves its flags)."""
-    run = {"iterations": iterations, "val_every": iterations, "checkpoint_every": max(1, iterations // 10)}
-    return resolve_config("omniglot", load_preset(PRESET), {"data": str(data), **run, **spec.options},
+    return resolve_config("omniglot", load_preset(PRESET),
+                          {"data": str(data), **_run_options(iterations), **spec.options},
                           source=f"preset {PRESET}", algorithm=spec.algorithm)
 
 
@@ -186,9 +191,8 @@ def _command(spec: RunSpec, run_dir: Path, data: Path, iterations: int) -> list[
         if done is not None and done >= iterations:
             return None
         return [*base, "--resume", str(run_dir), "--iterations", str(iterations), *tail]
-    run = {"iterations": iterations, "val_every": iterations, "checkpoint_every": max(1, iterations // 10)}
     return [*base, "omniglot", "--preset", PRESET, "--algorithm", spec.algorithm, "--out", str(run_dir),
-            *_flags({"data": str(data), **run, **spec.options}, spec.algorithm), *tail]
+            *_flags({"data": str(data), **_run_options(iterations), **spec.options}, spec.algorithm), *tail]
 
 
 def _eval_command(name: str, out: Path, data: Path, episodes: int) -> list[str]:
@@ -289,6 +293,14 @@ def evaluate_run(run_dir: Path, data: Path, episodes: int = 600) -> dict[str, An
             "transductive": {"challenge": True, "episodes": True}}
 
 
+def _write_evaluation(out: Path, name: str, data: Path, episodes: int) -> dict[str, Any]:
+    """``evaluate_run`` of run NAME, saved as ``OUT/eval/NAME.json``; returns the scores."""
+    scores = evaluate_run(out / "runs" / name, data, episodes)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    (out / "eval" / f"{name}.json").write_text(json.dumps(scores))
+    return scores
+
+
 def evaluate_all(specs: list[RunSpec], out: Path, data: Path, iterations: int,
                  episodes: int = 600) -> dict[str, Any]:
     """The results of every run: its evaluation (``OUT/eval/NAME.json``, computed here where missing)."""
@@ -296,8 +308,7 @@ def evaluate_all(specs: list[RunSpec], out: Path, data: Path, iterations: int,
     for s in specs:
         run_dir = out / "runs" / s.name
         if not _evaluated(out, s.name, iterations, episodes):
-            (out / "eval").mkdir(parents=True, exist_ok=True)
-            (out / "eval" / f"{s.name}.json").write_text(json.dumps(evaluate_run(run_dir, data, episodes)))
+            _write_evaluation(out, s.name, data, episodes)
         scores = json.loads((out / "eval" / f"{s.name}.json").read_text())
         seconds = train_seconds(run_dir)
         results[s.name] = {"algorithm": s.algorithm, "options": s.options,
@@ -372,9 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "all_runs); pass --data")
     torch.set_num_threads(args.threads)
     if args.evaluate_run is not None:
-        (args.out / "eval").mkdir(parents=True, exist_ok=True)
-        scores = evaluate_run(args.out / "runs" / args.evaluate_run, args.data, args.episodes)
-        (args.out / "eval" / f"{args.evaluate_run}.json").write_text(json.dumps(scores))
+        scores = _write_evaluation(args.out, args.evaluate_run, args.data, args.episodes)
         print(f"[{args.evaluate_run}] challenge error {scores['challenge']['mean']:.2f} %")
         return scores
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
