@@ -379,13 +379,14 @@ def test_finite_gradients_whose_norm_overflows_are_finite() -> None:
 
     from mamlab.train import _finite_grads
 
+    def norm(net: nn.Module) -> float:  # the global norm the training loop logs
+        return float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
+
     net = nn.Linear(2, 1)
     net.weight.grad = torch.full((1, 2), 1e30)  # finite, but the float32 norm overflows to inf
     net.bias.grad = torch.zeros(1)
-    norm = float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
-    assert norm == float("inf") and _finite_grads(net, norm)
+    assert norm(net) == float("inf") and _finite_grads(net, norm(net))
     net.bias.grad = torch.tensor([float("nan")])
-    norm = float(torch.stack([p.grad.norm() for p in net.parameters()]).norm())
-    assert not _finite_grads(net, norm)
+    assert not _finite_grads(net, norm(net))
     net.bias.grad = torch.tensor([float("inf")])
-    assert not _finite_grads(net, float(torch.stack([p.grad.norm() for p in net.parameters()]).norm()))
+    assert not _finite_grads(net, norm(net))

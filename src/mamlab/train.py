@@ -455,11 +455,12 @@ def _train(config: TrainConfig | None, out_dir: Path, dist: Distributed, resume:
             batch = family.sample(config.meta_batch, config.shots, config.queries, tasks)
             algorithm.start_iteration(it, config.iterations)
             optimizer.zero_grad(set_to_none=True)
+            mine = batch.slice(share).to(device)
             if graphed is not None:  # the same meta-gradient, replayed from a CUDA graph into .grad
-                loss = graphed(batch.slice(share).to(device))
+                loss = graphed(mine)
             else:
                 with precision_context(config.precision, device):
-                    loss = algorithm.meta_loss(batch.slice(share).to(device))
+                    loss = algorithm.meta_loss(mine)
                     loss.backward()
             # the stop flag travels with the gradient: every rank decides on the same, summed flag, so
             # all of them stop after the same iteration (a signal arriving later counts next iteration)

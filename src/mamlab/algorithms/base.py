@@ -47,7 +47,8 @@ class MetaAlgorithm(nn.Module):
     Args:
         model: the network f_θ (any ``nn.Module``); its trainable parameters are θ.
         loss_fn: ``loss_fn(prediction, target)`` → one task's mean loss.
-        execution: ``"auto"``, ``"batched"``, ``"vmap"`` or ``"loop"`` (``mamlab.core.execution``).
+        execution: ``"auto"``, ``"batched"``, ``"vmap"``, ``"loop"`` or ``"conv"``
+            (``mamlab.core.execution``).
         task_chunk: on the batched, vmap and conv paths, how many tasks run together (bounds memory).
 
     Subclasses set ``name`` (the registry's name) and ``inner_steps`` (the adaptation steps
